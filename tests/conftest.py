@@ -1,0 +1,44 @@
+"""Shared fixtures: the local word-level tokenizer and a tiny random Qwen3 (fp32, CPU, sdpa)."""
+import os
+
+import pytest
+import torch
+
+from model import build_model
+from model.tokenizer import build_word_tokenizer
+
+DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def data_file(name: str) -> str:
+    """Path of a file in ../shared/data; the test is skipped when it is absent."""
+    path = os.path.abspath(os.path.join(DATA_DIR, name))
+    if not os.path.exists(path):
+        pytest.skip(f"{name} not found in {os.path.dirname(path)}")
+    return path
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return build_word_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tags(tok):
+    from model import add_tag_tokens
+    return add_tag_tokens(tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tok):
+    return dict(TINY, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+@pytest.fixture()
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return build_model(tiny_config, seed=0).eval()

