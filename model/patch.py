@@ -53,12 +53,12 @@ def structured_attention_mask(s: BatchStructure, attn_implementation: str, dtype
 
 def _hook(tags: TagIds):
     def pre_forward(module, args, kwargs):
-        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("a structured model is not driven with a transformers cache: sample with rollout.Sampler")
         response_start = kwargs.pop("response_start", None)
         mask = kwargs.get("attention_mask")
         if kwargs.get("position_ids") is not None and mask is not None and getattr(mask, "ndim", 4) == 4:
             return args, kwargs  # the caller built positions and mask itself (the sampler, the trainer)
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("a structured model is not driven with a transformers cache: sample with rollout.Sampler")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("the structured model needs input_ids: positions and paths are read from the tags")

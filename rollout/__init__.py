@@ -1,0 +1,2 @@
+"""The batched sampler: causal and structured (paths decoded simultaneously). Uses model/ only."""
+from .sampler import Rollout, Sampler, logits_to_probs, sample_next

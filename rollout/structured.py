@@ -1,0 +1,102 @@
+"""Structured sampling (the Parallel-R1 engine), as rules applied to the rows of a Run.
+
+The main stream samples until `<Parallel>`; its row then branches into `num_paths` rows that share the
+prefix (cache rows copied) and decode their paths in the same steps, each from a forced `<Path>` at
+the position right after `<Parallel>`. A path ends with a sampled `</Path>`; EOS or any other tag is
+replaced by a forced `</Path>`, as is the path length limit. When all paths are in, the first row
+takes the other paths' keys (slot order is free: keys carry their rotary positions), forces
+`</Parallel>` newline `<Summary>` at 1 + the longest path, and the main stream goes on.
+Tags the structure calls malformed (model/structure.py) turn the rest of the response causal.
+"""
+from __future__ import annotations
+
+from .rows import Block, Row
+
+
+def main_tag(run, row: Row, tok: int) -> None:
+    """A tag sampled in the main stream (not malformed so far)."""
+    tags = run.tags
+    if tok == tags.parallel_open:
+        if row.blocks >= run.sampler.max_blocks:
+            run.finish(row, "block_limit")  # the extra <Parallel> is the response's last token
+            return
+        row.blocks += 1
+        row.then = "branch"
+    elif tok in (tags.path_open, tags.path_close, tags.parallel_close):
+        row.malformed = True  # from here on plain causal text, exactly as build_structure reads it
+
+
+def path_token(run, row: Row, tok: int, logp: float) -> None:
+    """A token sampled inside a path."""
+    tags, buf, r = run.tags, run.rows.buf, row.idx
+    if tok != tags.path_close and (tok in run.stop or tok in tags.as_tuple()):
+        run.append_forced(row, tags.path_close)  # EOS or a foreign tag ends the path
+        return
+    buf.append(r, tok, logp, False, int(buf.pos[r]) + 1)
+    if tok == tags.path_close:
+        row.then = "wait"
+        return
+    limit = run.sampler.max_path_tokens
+    if limit is not None and int(buf.out_len[r]) - row.block.out_start >= limit - 1:
+        row.queue.append(tags.path_close)  # the path's last token is a forced </Path>
+
+
+def settle_blocks(run) -> None:
+    """End of a step: open new blocks, end blocks over budget, merge blocks whose paths are all in."""
+    buf = run.rows.buf
+    for row in run.branching:
+        if row in run.gone:
+            continue
+        copies = run.rows.add_copies(row, run.sampler.num_paths - 1)
+        start = int(buf.out_len[row.idx]) - 1  # the forced <Path> just written
+        block = Block(rows=[row] + copies, out_start=start, slot_start=int(buf.slot[row.idx]), budget=run.M - start,
+                      opened=run.stats["steps"])
+        for r in block.rows:
+            r.block = block
+    run.branching = []
+    blocks = {id(r.block): r.block for r in run.rows.rows if r.block is not None}
+    for block in blocks.values():
+        used = sum(int(buf.out_len[r.idx]) - block.out_start for r in block.rows)
+        if used >= block.budget:
+            join_paths(run, block, with_cache=False)
+            run.finish(block.rows[0], "length")  # cut off inside the block: it stays open
+        elif all(r.waiting for r in block.rows):
+            run.stats["blocks"] += 1
+            run.stats["block_steps"] += run.stats["steps"] - block.opened
+            run.stats["path_tokens"] += used
+            join_paths(run, block, with_cache=True)
+            close_block(run, block.rows[0])
+
+
+def join_paths(run, block: Block, with_cache: bool) -> None:
+    """Append paths 2..k to the first row's response (and cache), in path order, up to the budget.
+    A block cut off by the budget keeps its paths up to the first one left open."""
+    buf, cache, main = run.rows.buf, run.rows.cache, block.rows[0]
+    m, s0 = main.idx, block.out_start
+    main.pos_after = max(int(buf.out_pos[r.idx, int(buf.out_len[r.idx]) - 1]) for r in block.rows) + 1
+    for r in block.rows[1:]:
+        if int(buf.out_tok[m, int(buf.out_len[m]) - 1]) != run.tags.path_close:
+            run.gone.append(r)  # cut off inside an open path: a later path cannot follow it
+            continue
+        length = min(int(buf.out_len[r.idx]) - s0, run.M - int(buf.out_len[m]))
+        at = int(buf.out_len[m])
+        for t in (buf.out_tok, buf.out_pos, buf.out_logp, buf.out_forced):
+            t[m, at:at + length] = t[r.idx, s0:s0 + length]
+        buf.out_len[m] = at + length
+        if with_cache:
+            cache.copy_slots(m, int(buf.slot[m]), r.idx, block.slot_start, length)
+            buf.slot[m] += length
+        run.gone.append(r)
+    for r in block.rows:
+        r.block = None
+    main.waiting = False
+
+
+def close_block(run, main: Row) -> None:
+    """Force </Parallel> at 1 + the longest path, then newline and <Summary>; the summary is sampled."""
+    if int(run.rows.buf.out_len[main.idx]) >= run.M:
+        run.finish(main, "length")
+        return
+    tags = run.tags
+    run.append_forced(main, tags.parallel_close, pos=main.pos_after)
+    main.queue = ([run.sampler.newline_id] if run.sampler.newline_id is not None else []) + [tags.summary_open]
