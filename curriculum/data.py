@@ -1,0 +1,242 @@
+"""Datasets as lists of frozen `Example` records read from local JSONL or parquet files, a
+deterministic train/validation split, and `PromptStream`, the endless resumable batch iterator
+that feeds GRPO prompts. A bad row stops with `DataError` naming the file, the line and the field."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field, replace
+
+FIELDS = ("id", "question", "answer", "solution", "prompt")  # our names; `fields=` maps them to columns
+_REQUIRED = ("question", "answer")
+
+# JSON escapes that ate the backslash of a LaTeX command ("\f" is a form feed, "\t" a tab, "\b" a
+# backspace). Only commands whose remaining letters cannot follow a real tab or form feed are listed:
+# DAPO-Math-17k also holds genuine tabs (Asymptote code) and PDF ligature bytes, which are left alone.
+LATEX_ESCAPE_REPAIRS = (
+    ("\x0crac", "\\frac"),
+    ("\triangle", "\\triangle"),
+    ("\times", "\\times"),
+    ("\theta", "\\theta"),
+    ("\text{", "\\text{"),
+    ("\x08eta", "\\beta"),
+)
+
+
+class DataError(ValueError):
+    """A malformed row; the message reads `path:line: reason` (`path:row N: reason` for parquet)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem. `meta` holds the file's other columns (e.g. difficulty, level, subject)."""
+
+    id: str
+    question: str
+    answer: str
+    solution: str | None = None
+    prompt: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def load_examples(path: str, fields: dict | None = None, limit: int | None = None,
+                  repair_latex_escapes: bool = False) -> list[Example]:
+    """Read examples from `.jsonl`/`.json` (one JSON object per line) or `.parquet`.
+
+    fields: our name -> the file's column, e.g. {"question": "problem", "answer": "ground_truth"};
+        unmapped names use our own; a dotted column ("reward_model.ground_truth") reads a nested value.
+    limit: keep the first `limit` rows. `id` falls back to the 0-based row number.
+    repair_latex_escapes: undo the JSON-escaping bug of DAPO-Math-17k and AIME25, where "\\frac" was
+        written as a form feed + "rac" (see LATEX_ESCAPE_REPAIRS); off by default, the data stay verbatim.
+    """
+    columns = _column_map(fields)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such data file; check the path in the config (data dir: "
+                                f"{os.path.abspath(os.path.dirname(path) or '.')})")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".json"):
+        rows = _jsonl_rows(path)
+    elif ext == ".parquet":
+        rows = _parquet_rows(path, limit)
+    else:
+        raise ValueError(f"{path}: unknown data format {ext!r}; use .jsonl, .json (JSON lines) or .parquet")
+    examples = []
+    for where, row in rows:
+        if limit is not None and len(examples) >= limit:
+            break
+        ex = _to_example(row, columns, len(examples), f"{path}:{where}")
+        examples.append(_repair(ex) if repair_latex_escapes else ex)
+    return examples
+
+
+def _column_map(fields: dict | None) -> dict:
+    unknown = set(fields or {}) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"fields: unknown name(s) {sorted(unknown)}; the names to map are {list(FIELDS)}")
+    return {name: (fields or {}).get(name, name) for name in FIELDS}
+
+
+def _jsonl_rows(path: str):
+    """Yield (1-based line number, dict) for each non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                "each line must hold one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__} "
+                                "(.json files are read as JSON lines: one object per line)")
+            yield lineno, row
+
+
+def _parquet_rows(path: str, limit: int | None):
+    """Yield ("row i", dict) with i the 0-based row index."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    table = pq.read_table(path)
+    if limit is not None:
+        table = table.slice(0, limit)
+    for i, row in enumerate(table.to_pylist()):
+        yield f"row {i}", row
+
+
+def _lookup(row: dict, column: str):
+    """row[column], or a nested value for a dotted column name; None when absent."""
+    if column in row:
+        return row[column]
+    value = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _as_text(value, name: str, column: str, where: str) -> str | None:
+    """Strings pass, numbers become strings (27.0 -> "27"), None stays None, anything else stops."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: field {name!r} (column {column!r}) must be a string or a number, "
+                    f"got {type(value).__name__}; map another column with fields={{{name!r}: ...}}")
+
+
+def _to_example(row: dict, columns: dict, index: int, where: str) -> Example:
+    values = {name: _as_text(_lookup(row, col), name, col, where) for name, col in columns.items()}
+    for name in _REQUIRED:
+        if values[name] is None:
+            raise DataError(f"{where}: missing field {name!r} (column {columns[name]!r}); the row has "
+                            f"columns {sorted(row)}; map the right one with fields={{{name!r}: ...}}")
+        if not values[name].strip():
+            raise DataError(f"{where}: empty field {name!r} (column {columns[name]!r})")
+    used = {col for col in columns.values()}
+    meta = {k: v for k, v in row.items() if k not in used}
+    return Example(id=values["id"] if values["id"] is not None else str(index), question=values["question"],
+                   answer=values["answer"].strip(), solution=values["solution"], prompt=values["prompt"],
+                   meta=meta)
+
+
+def repair_latex(text: str) -> str:
+    """Undo the known JSON-escape damage of LaTeX commands (LATEX_ESCAPE_REPAIRS)."""
+    for broken, fixed in LATEX_ESCAPE_REPAIRS:
+        text = text.replace(broken, fixed)
+    return text
+
+
+def _repair(ex: Example) -> Example:
+    texts = {"question": ex.question, "solution": ex.solution, "prompt": ex.prompt}
+    return replace(ex, **{k: repair_latex(v) for k, v in texts.items() if v is not None})
+
+
+def write_jsonl(examples, path: str) -> None:
+    """Write examples as JSON lines that `load_examples` reads back; `meta` keys become columns."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            clash = set(ex.meta) & set(FIELDS)
+            if clash:
+                raise ValueError(f"example {ex.id}: meta keys {sorted(clash)} clash with the fields {FIELDS}")
+            row = {"id": ex.id, "question": ex.question, "answer": ex.answer}
+            row.update({k: v for k, v in (("solution", ex.solution), ("prompt", ex.prompt)) if v is not None})
+            row.update(ex.meta)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def split_examples(examples: list, val_size: int | float, seed: int) -> tuple[list, list]:
+    """Deterministic split into (train, val); both keep the input order.
+
+    val_size: a count (int, 0..len) or a fraction (float in (0, 1), rounded to a count).
+    """
+    n = len(examples)
+    if isinstance(val_size, float):
+        if not 0.0 < val_size < 1.0:
+            raise ValueError(f"val_size={val_size}: a fraction must lie in (0, 1); pass an int for a count")
+        k = round(n * val_size)
+    elif isinstance(val_size, int) and 0 <= val_size <= n:
+        k = val_size
+    else:
+        raise ValueError(f"val_size={val_size!r}: expected an int in [0, {n}] or a float in (0, 1)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:k])
+    train = [ex for i, ex in enumerate(examples) if i not in val_idx]
+    val = [ex for i, ex in enumerate(examples) if i in val_idx]
+    return train, val
+
+
+class PromptStream:
+    """Endless batches of examples: each epoch is a fresh shuffle (epoch e uses seed + e), and a batch
+    that crosses an epoch end continues into the next epoch. `state_dict()` / `load_state_dict()`
+    resume it exactly: the resumed stream yields what the original would have."""
+
+    def __init__(self, examples: list, seed: int = 0):
+        if not examples:
+            raise ValueError("PromptStream: no examples; check the data path and `limit`")
+        self.examples = list(examples)
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # index into this epoch's order of the next example to yield
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[Example]:
+        if n < 1:
+            raise ValueError(f"next_batch(n={n}): n must be >= 1")
+        batch = []
+        while len(batch) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            take = self._order[self.position:self.position + n - len(batch)]
+            batch += [self.examples[i] for i in take]
+            self.position += len(take)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("seed", self.seed), ("num_examples", len(self.examples))):
+            if key in state and state[key] != mine:
+                raise ValueError(f"PromptStream.load_state_dict: saved {key}={state[key]} but this stream "
+                                 f"has {key}={mine}; resume with the same data and seed")
+        if not 0 <= state["position"] <= len(self.examples):
+            raise ValueError(f"PromptStream.load_state_dict: position {state['position']} is outside "
+                             f"0..{len(self.examples)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order(self.epoch)

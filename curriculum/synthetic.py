@@ -1,0 +1,146 @@
+"""The CPU demo's task: short integer word problems (easy: 2 operations, hard: 3 or 4), their
+parallel-format and plain solutions, and DEMO_WORDS, the vocabulary for `build_word_tokenizer` under
+which every question, solution and demo prompt encodes without `<unk>`."""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import replace
+
+from .data import Example, write_jsonl  # write_jsonl is re-exported: the demo writes its sets with it
+from .prompts import DEMO_INSTRUCTION, DEMO_PLAIN_INSTRUCTION
+
+NAMES = {"tom": "he", "sam": "he", "ben": "he", "max": "he", "ann": "she", "mia": "she", "eva": "she",
+         "lily": "she"}
+OBJECTS = ("apples", "eggs", "cookies", "pens", "cards", "books", "coins", "shells")
+EDIBLE = ("apples", "eggs", "cookies")
+GAIN_VERBS = ("buys", "finds", "gets")
+LOSS_VERBS = ("gives away", "loses", "sells")  # + "eats" for EDIBLE objects
+DIFFICULTIES = {"easy": (2,), "hard": (3, 4)}  # difficulty -> allowed numbers of operations
+START, AMOUNT = (2, 20), (1, 9)  # ranges of the starting count and of each change
+
+_TASK_WORDS = ("has how many now in out both paths give eats".split()
+               + [w for v in GAIN_VERBS + LOSS_VERBS for w in v.split()])
+# the answer line, the chat template's roles, and whatever words the demo instructions use
+_FRAME_WORDS = ["Final", "Answer", "system", "user", "assistant"] + re.findall(
+    r"[A-Za-z]+", (DEMO_INSTRUCTION + " " + DEMO_PLAIN_INSTRUCTION).replace("{question}", ""))
+DEMO_WORDS = tuple(sorted(set(NAMES) | set(NAMES.values()) | set(OBJECTS) | set(_TASK_WORDS)
+                          | set(_FRAME_WORDS)))
+
+
+def _draw_ops(rng: random.Random, start: int, n_ops: int, difficulty: str) -> list[list]:
+    """Operations as ["+", k] / ["-", k]; a loss never exceeds the current count."""
+    if difficulty == "easy":
+        signs = rng.sample(["+", "-"], 2)  # one gain and one loss, in either order
+    else:
+        signs = [rng.choice("+-") for _ in range(n_ops)]
+    ops, value = [], start
+    for sign in signs:
+        if sign == "-" and value < 1:
+            sign = "+"
+        hi = AMOUNT[1] if sign == "+" else min(AMOUNT[1], value)
+        amount = rng.randint(AMOUNT[0], hi)
+        value += amount if sign == "+" else -amount
+        ops.append([sign, amount])
+    return ops
+
+
+def _question(rng: random.Random, name: str, obj: str, start: int, ops: list[list]) -> str:
+    """ "tom has 14 cards. he finds 9, gives away 5. how many cards now?" (short: every space is a token)"""
+    losses = LOSS_VERBS + (("eats",) if obj in EDIBLE else ())
+    changes = ", ".join(f"{rng.choice(GAIN_VERBS if sign == '+' else losses)} {k}" for sign, k in ops)
+    return f"{name} has {start} {obj}. {NAMES[name]} {changes}. how many {obj} now?"
+
+
+def problem_answer(start: int, ops: list[list]) -> int:
+    """The count after applying `ops` to `start`."""
+    return start + sum(k if sign == "+" else -k for sign, k in ops)
+
+
+def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str | None = None) -> list[Example]:
+    """`n` distinct problems, deterministic in (difficulty, seed); different seeds give mostly
+    different problems. meta = {"difficulty", "start", "ops"}.
+
+    exclude: examples (e.g. a held-out test set) whose numbers (start and ops) must not recur here.
+    solution: None, "parallel" or "plain" fills `Example.solution` with that target.
+    """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; valid: {list(DIFFICULTIES)}")
+    if solution not in (None, "parallel", "plain"):
+        raise ValueError(f"solution={solution!r}; valid: None, 'parallel', 'plain'")
+    rng = random.Random(f"synthetic-{difficulty}-{seed}")  # str seeds are stable across runs
+    banned = {_signature(ex.meta) for ex in exclude}
+    seen, out = set(), []
+    for _ in range(50 * n + 1000):
+        if len(out) == n:
+            break
+        name, obj = rng.choice(sorted(NAMES)), rng.choice(OBJECTS)
+        start = rng.randint(*START)
+        ops = _draw_ops(rng, start, rng.choice(DIFFICULTIES[difficulty]), difficulty)
+        meta = {"difficulty": difficulty, "start": start, "ops": ops}
+        question = _question(rng, name, obj, start, ops)
+        if question in seen or _signature(meta) in banned:
+            continue
+        seen.add(question)
+        ex = Example(f"{difficulty}-{seed}-{len(out)}", question, str(problem_answer(start, ops)), meta=meta)
+        out.append(ex)
+    if len(out) < n:
+        raise ValueError(f"make_problems: only {len(out)} distinct {difficulty} problems found for n={n}; "
+                         "ask for fewer or exclude fewer")
+    if solution is not None:
+        write = parallel_solution if solution == "parallel" else plain_solution
+        out = [replace(ex, solution=write(ex)) for ex in out]
+    return out
+
+
+def _signature(meta: dict) -> tuple:
+    return meta["start"], tuple(tuple(op) for op in meta["ops"])
+
+
+def _in_order(start: int, ops: list[list]) -> str:
+    """ "12+5=17. 17-3=14." : the operations one by one."""
+    steps, value = [], start
+    for sign, k in ops:
+        new = value + k if sign == "+" else value - k
+        steps.append(f"{value}{sign}{k}={new}.")
+        value = new
+    return " ".join(steps)
+
+
+def _total(amounts: list[int]) -> str:
+    """ "5", "5+4=9" or "0": a running total written out."""
+    if len(amounts) < 2:
+        return str(sum(amounts))
+    return "+".join(map(str, amounts)) + f"={sum(amounts)}"
+
+
+def _regrouped(start: int, ops: list[list]) -> str:
+    """Total in, total out, the net change, then the start plus or minus the net; every number
+    stays non-negative because the net is taken as larger minus smaller."""
+    gains = [k for sign, k in ops if sign == "+"]
+    losses = [k for sign, k in ops if sign == "-"]
+    total_in, total_out = sum(gains), sum(losses)
+    net = abs(total_in - total_out)
+    steps = [f"in {_total(gains)}.", f"out {_total(losses)}."]
+    if total_in >= total_out:
+        steps += [f"{total_in}-{total_out}={net}.", f"{start}+{net}={start + net}."]
+    else:
+        steps += [f"{total_out}-{total_in}={net}.", f"{start}-{net}={start - net}."]
+    return " ".join(steps)
+
+
+def parallel_solution(example: Example) -> str:
+    """Cold-start target: two independent paths (in order; regrouped), the summary, the answer.
+    The demo's SFT set uses easy problems only; the format holds for any number of operations."""
+    start, ops, answer = example.meta["start"], example.meta["ops"], example.answer
+    return (f"<Parallel>\n<Path> {_in_order(start, ops)} </Path>\n<Path> {_regrouped(start, ops)} </Path>\n"
+            f"</Parallel>\n<Summary> both paths give {answer}. </Summary>\nFinal Answer: {answer}")
+
+
+def plain_solution(example: Example) -> str:
+    """The causal baseline's target: the in-order computation and the answer line."""
+    return f"{_in_order(example.meta['start'], example.meta['ops'])}\nFinal Answer: {example.answer}"
+
+
+__all__ = ["DEMO_WORDS", "DEMO_INSTRUCTION", "DEMO_PLAIN_INSTRUCTION", "make_problems", "parallel_solution",
+           "plain_solution", "problem_answer", "write_jsonl", "Example"]

@@ -1,0 +1,139 @@
+"""curriculum/synthetic.py: the demo task's problems, solutions, vocabulary and lengths."""
+import re
+import statistics
+
+import pytest
+
+from curriculum.data import load_examples, write_jsonl
+from curriculum.prompts import encode_prompt, format_prompt
+from curriculum.synthetic import (DEMO_INSTRUCTION, DEMO_PLAIN_INSTRUCTION, DEMO_WORDS, make_problems,
+                                  parallel_solution, plain_solution)
+from model import add_tag_tokens, build_structure
+from model.tokenizer import build_word_tokenizer
+
+EQUATION = re.compile(r"(\d+(?:[+-]\d+)+)=(\d+)")
+PATHS = re.compile(r"^<Parallel>\n<Path> (.*) </Path>\n<Path> (.*) </Path>\n</Parallel>\n"
+                   r"<Summary> both paths give (\d+)\. </Summary>\nFinal Answer: (\d+)$")
+
+
+@pytest.fixture(scope="module")
+def dtok():
+    return build_word_tokenizer(DEMO_WORDS)
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return {d: make_problems(300, d, seed=0) for d in ("easy", "hard")}
+
+
+def running_values(meta):
+    values = [meta["start"]]
+    for sign, k in meta["ops"]:
+        values.append(values[-1] + (k if sign == "+" else -k))
+    return values
+
+
+def checked_equations(text):
+    """Every "a+b-c=d" in text is true; returns the results in order."""
+    results = []
+    for lhs, rhs in EQUATION.findall(text):
+        assert sum(map(int, re.findall(r"[+-]?\d+", lhs))) == int(rhs), f"wrong arithmetic {lhs}={rhs} in {text!r}"
+        results.append(int(rhs))
+    return results
+
+
+def test_deterministic_per_seed(sets):
+    assert make_problems(300, "easy", seed=0) == sets["easy"]
+    assert make_problems(20, "hard", seed=0) == sets["hard"][:20]
+    assert make_problems(50, "easy", seed=0, solution="parallel")[7].solution == parallel_solution(sets["easy"][7])
+    with pytest.raises(ValueError, match="easy.*hard"):
+        make_problems(3, "medium", seed=0)
+
+
+def test_difficulty_sets_number_of_ops(sets):
+    assert {len(e.meta["ops"]) for e in sets["easy"]} == {2}
+    assert {len(e.meta["ops"]) for e in sets["hard"]} == {3, 4}
+    assert all({s for s, _ in e.meta["ops"]} == {"+", "-"} for e in sets["easy"])  # one gain, one loss
+    assert all(e.meta["difficulty"] == d for d, exs in sets.items() for e in exs)
+
+
+def test_answers_recompute_and_stay_non_negative(sets):
+    for e in sets["easy"] + sets["hard"]:
+        values = running_values(e.meta)
+        assert e.answer == str(values[-1])
+        assert min(values) >= 0
+        assert 2 <= e.meta["start"] <= 20 and all(1 <= k <= 9 for _, k in e.meta["ops"])
+        assert str(e.meta["start"]) in e.question and e.question.endswith("now?")
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "hard"])
+def test_both_paths_reach_the_answer(sets, difficulty):
+    for e in sets[difficulty]:
+        match = PATHS.match(parallel_solution(e))
+        assert match, parallel_solution(e)
+        path1, path2, summary, final = match.groups()
+        assert checked_equations(path1) == running_values(e.meta)[1:]  # in order, step by step
+        assert checked_equations(path2)[-1] == int(e.answer)  # regrouped
+        assert path2.startswith("in ") and " out " in path2
+        assert summary == final == e.answer
+        assert "-" not in re.sub(r"\d-\d", "", path1 + path2)  # no negative numbers anywhere
+        plain = plain_solution(e)
+        assert checked_equations(plain) == running_values(e.meta)[1:] and plain.endswith(f"Final Answer: {e.answer}")
+
+
+def test_solutions_are_well_formed_blocks(dtok, sets):
+    tags = add_tag_tokens(dtok)
+    for e in sets["easy"][:20]:
+        ids = dtok.encode(parallel_solution(e), add_special_tokens=False)
+        assert not build_structure(ids, tags).malformed
+
+
+def test_no_unknown_words(dtok, sets):
+    unk = dtok.unk_token_id
+    for e in sets["easy"] + sets["hard"]:
+        for text in (e.question, parallel_solution(e), plain_solution(e)):
+            assert unk not in dtok.encode(text, add_special_tokens=False), text
+        for instruction in (DEMO_INSTRUCTION, DEMO_PLAIN_INSTRUCTION):
+            for template in ("chat", "raw"):
+                ids, _ = encode_prompt(dtok, format_prompt(e.question, instruction=instruction), template)
+                assert unk not in ids
+        assert dtok.decode(dtok.encode(e.question, add_special_tokens=False)) == e.question
+
+
+def test_lengths_are_short(dtok, sets):
+    def n_tokens(text):
+        return len(dtok.encode(text, add_special_tokens=False))
+
+    def prompt_len(e):
+        return len(encode_prompt(dtok, format_prompt(e.question, instruction=DEMO_INSTRUCTION), "chat")[0])
+
+    table = {
+        "easy question": [n_tokens(e.question) for e in sets["easy"]],
+        "easy parallel solution": [n_tokens(parallel_solution(e)) for e in sets["easy"]],
+        "easy question+parallel": [n_tokens(e.question) + n_tokens(parallel_solution(e)) for e in sets["easy"]],
+        "easy chat prompt+parallel+eos": [prompt_len(e) + n_tokens(parallel_solution(e)) + 1 for e in sets["easy"]],
+        "hard question": [n_tokens(e.question) for e in sets["hard"]],
+        "hard chat prompt": [prompt_len(e) for e in sets["hard"]],
+        "hard plain solution": [n_tokens(plain_solution(e)) for e in sets["hard"]],
+    }
+    for name, v in table.items():
+        print(f"{name:32s} min {min(v):4d} mean {statistics.mean(v):6.1f} max {max(v):4d}")
+    assert max(table["easy question+parallel"]) <= 110 and min(table["easy question"]) >= 25
+    assert max(table["easy chat prompt+parallel+eos"]) <= 125
+    assert max(table["hard chat prompt"]) <= 64
+
+
+def test_seeds_give_mostly_different_problems():
+    a, b = make_problems(500, "easy", seed=1), make_problems(500, "easy", seed=2)
+    assert len({e.question for e in a} & {e.question for e in b}) <= 10
+    assert len({e.question for e in a}) == 500  # distinct within a set
+    test = make_problems(200, "easy", seed=99)
+    train = make_problems(500, "easy", seed=1, exclude=test)
+    assert not {(e.meta["start"], str(e.meta["ops"])) for e in train} & {(e.meta["start"], str(e.meta["ops"]))
+                                                                        for e in test}
+
+
+def test_jsonl_round_trip(tmp_path):
+    exs = make_problems(10, "easy", seed=3, solution="parallel")
+    write_jsonl(exs, str(tmp_path / "easy.jsonl"))
+    assert load_examples(str(tmp_path / "easy.jsonl")) == exs
