@@ -1,0 +1,15 @@
+"""Rewards: answer extraction and equivalence, parallel-format checks, the reward schedule,
+batch scoring and evaluation metrics (DESIGN.md "rewards/"). Plain Python: no torch, no model."""
+from .math import extract_answer, is_equivalent, judge_equivalence
+from .metrics import aggregate_by_problem, mean_at_k, pass_at_k
+from .parallel import ParallelStats, parallel_stats, parallel_stats_ids, path_agreement, path_answers
+from .pool import BatchScores, RewardPool, score_batch
+from .schedule import MODES, RewardFn, reward_kind
+
+__all__ = [
+    "extract_answer", "is_equivalent", "judge_equivalence",
+    "ParallelStats", "parallel_stats", "parallel_stats_ids", "path_answers", "path_agreement",
+    "RewardFn", "reward_kind", "MODES",
+    "BatchScores", "RewardPool", "score_batch",
+    "pass_at_k", "mean_at_k", "aggregate_by_problem",
+]
