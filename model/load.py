@@ -54,7 +54,7 @@ def resolve_attention(requested: str = "auto", device: str | torch.device = "cpu
     return requested
 
 
-def _shard_files(path: str) -> list[str]:
+def shard_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
@@ -94,7 +94,7 @@ def load_model(path: str, dtype="float32", attn_implementation: str = "auto", de
                structured: bool = False) -> Qwen3ForCausalLM:
     """Load a local Qwen3 directory (config.json + one or sharded *.safetensors)."""
     config = read_config(path)
-    files = _shard_files(path)
+    files = shard_files(path)
     dtype, attn = resolve_dtype(dtype), resolve_attention(attn_implementation, device, structured)
     config._attn_implementation = attn
     with torch.device("meta"):

@@ -86,12 +86,13 @@ class Sampler:
 
     def __init__(self, model, tags: TagIds | None = None, pad_id: int = 0, newline_id: int | None = None,
                  num_paths: int = 2, max_parallel_blocks: int = 4, max_path_tokens: int | None = None,
-                 prefill_rows: int = 64):
+                 prefill_rows: int = 64, dtype: torch.dtype | None = None):
         if num_paths < 2:
             raise ValueError(f"num_paths must be >= 2, got {num_paths}")
         self.model, self.tags, self.pad_id, self.newline_id = model, tags, pad_id, newline_id
         self.num_paths, self.max_blocks, self.max_path_tokens = num_paths, max_parallel_blocks, max_path_tokens
         self.prefill_rows = prefill_rows
+        self.dtype = dtype  # KV cache dtype = the compute dtype (bf16 under FSDP mixed precision); None: params
         params = inspect.signature(type(model).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.24 vs 5.17
 
@@ -142,7 +143,7 @@ class Sampler:
         N, M = len(prompts) * n, max_new_tokens
         cfg = self.model.config
         cache = StaticKV(cfg.num_hidden_layers, N * (2 if structured else 1), cfg.num_key_value_heads,
-                         max(map(len, prompts)) + M, cfg.head_dim, self.model.dtype, dev)
+                         max(map(len, prompts)) + M, cfg.head_dim, self.dtype or self.model.dtype, dev)
         cache.prompt_width = max(map(len, prompts))
         run = Run(self, RowSet(cache, RowBuffers(cache.capacity, M, dev)), N, M, structured,
                      set(int(s) for s in stop_ids))

@@ -1,0 +1,139 @@
+"""Data parallelism, applied from outside the model: the only file that imports FSDP.
+
+`parallelize` is torchtitan's recipe for our one model. Order matters: activation checkpointing
+first (it wraps each decoder layer's forward), then `fully_shard` on each decoder layer, then on the
+root, so each layer is one all-gather unit and the root holds embeddings, final norm and head.
+GPU: bf16 parameters for compute, fp32 gradient reductions, fp32 sharded master weights; CPU: fp32.
+One code path for gloo (CPU) and NCCL (GPU): the backend follows the device. One process: the model
+is returned untouched (apart from activation checkpointing).
+
+Sampling under FSDP (`gathered_for_sampling`): the full parameters are gathered ONCE per rollout on
+each rank and kept until sampling ends, so every decode step runs locally with no collective. Ranks
+may then stop after different numbers of steps (their responses differ) without deadlocking, and
+decoding does not pay a per-layer all-gather per token. Cost: one full copy of the model per rank
+for the duration of sampling (8 GB for Qwen3-4B in bf16).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group when torchrun set RANK (nccl on CUDA, gloo on CPU); else one process."""
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        dev = torch.device("cuda" if cuda else "cpu") if device == "auto" else torch.device(device)
+        return Dist(device=dev)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, local, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model, d: Dist, *, compute_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
+                trainable: bool = True):
+    """Activation checkpointing, then FSDP2 per decoder layer, then the root. A frozen reference model
+    (trainable=False) is sharded the same way and never gets gradients or optimizer state."""
+    if activation_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not trainable:
+        model.requires_grad_(False)
+    if d.world == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def _fsdp_modules(model):
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered_for_sampling(model):
+    """Keep the full parameters gathered on every rank while sampling (see the module docstring)."""
+    mods = _fsdp_modules(model)
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) over ranks, in place; a no-op in one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor of the same shape from every rank, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over all shards), clipped to max_norm when max_norm > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def model_state_dict(model) -> dict:
+    """The full (unsharded) state dict on rank 0, on CPU, for the HF export; {} on other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not _fsdp_modules(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
