@@ -1,12 +1,12 @@
 """Checkpoints: `<run_dir>/checkpoints/step-N/`, written atomically, the latest complete one resumed.
 
-A checkpoint holds `model/` (an HF directory plain transformers loads: config.json + safetensors +
-tokenizer), `trainer.pt` (optimizer, scheduler, loop state incl. the data position), `rng-rank<r>.pt`,
-`config.yaml` (the resolved config) and `manifest.json` (every file's size, written last). Under FSDP the
-model and optimizer are also saved sharded with torch.distributed.checkpoint in `shards/` and the HF
-export is gathered on rank 0. Everything is written under `step-N.tmp` and renamed, so a half-written
-checkpoint is never picked up; a complete-looking one with a missing or truncated file is skipped with a
-warning.
+A checkpoint holds `shards/` (model and optimizer, exact, one file per rank, reloadable on any number
+of ranks: grpo/fsdp.py `save_sharded`), `model/` (the HF export, gathered on rank 0: a
+directory plain transformers loads), `trainer.pt` (loop state incl. the data position, scheduler, world
+size), `rng-rank<r>.pt`, `config.yaml` (the resolved config) and `manifest.json` (every file's size,
+written last). One process and FSDP take the same path. Everything is written under `step-N.tmp` and
+renamed, so a half-written checkpoint is never picked up; a complete-looking one with a missing or
+truncated file is skipped with a warning. All ranks must see the same file system.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import yaml
 
 from model.load import save_model
 
-from .fsdp import Dist, barrier, broadcast_object, model_state_dict
+from .fsdp import Dist, barrier, broadcast_object, load_sharded, model_state_dict, save_sharded
 
 # keys of the resolved config that a resumed run must share with its checkpoint
 COMPATIBLE_KEYS = ("variant", "model.build", "rollout.group_size", "grpo.prompts_per_step",
@@ -32,11 +32,6 @@ COMPATIBLE_KEYS = ("variant", "model.build", "rollout.group_size", "grpo.prompts
 
 def _dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
-
-
-def _fsdp(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
 
 
 def _rng_state() -> dict:
@@ -55,39 +50,35 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(run_dir, cfg, model, opt, sched, state, d: Dist, tokenizer=None, keep: int | None = None) -> str:
-    """Write checkpoint step-<state.step> atomically; keep the last `cfg.checkpoint.keep`."""
+    """Write checkpoint step-<state.step> atomically; keep the last `cfg.checkpoint.keep` complete ones.
+    A collective: every rank calls it."""
     final = os.path.join(_dir(run_dir), f"step-{state.step}")
     tmp = final + ".tmp"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    if _fsdp(model):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "shards"))
-    full = model_state_dict(model)  # a collective under FSDP: every rank takes part
+    with_optim = save_sharded(model, opt, os.path.join(tmp, "shards"))  # the exact state to resume from
+    full = model_state_dict(model)  # gathered on rank 0 for the HF export
     torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{d.rank}.pt"))
-    barrier()
+    barrier()  # every rank's files are on disk before rank 0 lists them in the manifest
     if d.main:
         save_model(os.path.join(tmp, "model"), model.config, full, tokenizer)
-        trainer = {"state": state.__dict__, "scheduler": sched.state_dict(), "world": d.world}
-        if not _fsdp(model):
-            trainer["optimizer"] = opt.state_dict()
+        trainer = {"state": dict(vars(state)), "scheduler": sched.state_dict(), "world": d.world,
+                   "optimizer_state": with_optim}
         torch.save(trainer, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-        _write_manifest(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        write_manifest(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # a step redone after resuming from an older checkpoint
         os.replace(tmp, final)
         _prune(run_dir, keep if keep is not None else cfg.checkpoint.keep)
     barrier()
     return final
 
 
-def _write_manifest(path: str) -> None:
+def write_manifest(path: str) -> None:
+    """manifest.json: the size of every file under `path`; written last, it marks the directory complete."""
     sizes = {}
     for root, _, files in os.walk(path):
         for f in files:
@@ -117,7 +108,7 @@ def is_complete(path: str) -> str | None:
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every step-N directory (complete or not), by step."""
+    """(step, path) of every step-N directory (complete or not), by step; `step-N.tmp` never counts."""
     root = _dir(run_dir)
     if not os.path.isdir(root):
         return []
@@ -134,17 +125,24 @@ def latest(run_dir: str) -> str | None:
         problem = is_complete(path)
         if problem is None:
             return path
-        warnings.warn(f"skipping checkpoint {path}: {problem}")
+        warnings.warn(f"skipping incomplete checkpoint {path}: {problem}")
     return None
 
 
 def _prune(run_dir: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (all when keep <= 0); drop leftover `.tmp` directories
+    of interrupted saves (called after a save, when no other save is in flight)."""
     done = [p for _, p in list_checkpoints(run_dir) if is_complete(p) is None]
     for path in done[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+    root = _dir(run_dir)
+    for name in os.listdir(root):
+        if name.startswith("step-") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def check_compatible(path: str, cfg) -> None:
+    """ValueError naming every key of COMPATIBLE_KEYS on which the checkpoint's config and `cfg` differ."""
     with open(os.path.join(path, "config.yaml")) as f:
         saved = yaml.safe_load(f)
     now = dataclasses.asdict(cfg)
@@ -161,37 +159,34 @@ def check_compatible(path: str, cfg) -> None:
 
 
 def resume(run_dir, cfg, model, opt, sched, state, feed, d: Dist) -> str | None:
-    """Load the checkpoint cfg.checkpoint.resume points at (auto = latest complete) into the live objects."""
+    """Load the checkpoint cfg.checkpoint.resume points at (auto = latest complete) into the live objects:
+    model, optimizer, scheduler, loop state, feed position and this rank's RNG. A collective under FSDP.
+    Returns its path, or None when there is nothing to resume."""
     mode = cfg.checkpoint.resume
     path = None
     if mode == "auto":
-        path = broadcast_object(latest(run_dir) if d.main else None)
+        path = broadcast_object(latest(run_dir) if d.main else None)  # every rank loads the same one
     elif mode != "never":
-        path = mode
-        if is_complete(path) is not None:
-            raise FileNotFoundError(f"checkpoint.resume={path!r}: {is_complete(path)}")
+        path, problem = mode, is_complete(mode)
+        if problem is not None:
+            raise FileNotFoundError(f"checkpoint.resume={mode!r}: {problem}; give a complete step-N directory, "
+                                    "auto or never")
     if path is None:
         return None
     check_compatible(path, cfg)
     trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-    if _fsdp(model):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        msd, osd = get_state_dict(model, opt)
-        sd = {"model": msd, "optim": osd}
-        dcp.load(sd, checkpoint_id=os.path.join(path, "shards"))
-        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    else:
-        load_weights(model, os.path.join(path, "model"))
-        opt.load_state_dict(trainer["optimizer"])
+    load_sharded(model, opt, os.path.join(path, "shards"), trainer["optimizer_state"])
     sched.load_state_dict(trainer["scheduler"])
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # set even when no optimizer state was saved
+        group["lr"] = lr
     state.__dict__.update(trainer["state"])
     if feed is not None and state.feed:
         feed.load_state_dict(state.feed)
-    rng = os.path.join(path, f"rng-rank{d.rank}.pt")
-    if os.path.exists(rng):
-        _set_rng_state(torch.load(rng, weights_only=False))
+    if trainer["world"] == d.world:
+        _set_rng_state(torch.load(os.path.join(path, f"rng-rank{d.rank}.pt"), weights_only=False))
+    elif d.main:
+        warnings.warn(f"{path} was written by {trainer['world']} ranks and is resumed on {d.world}: training "
+                      "continues, but samples differ from those of an uninterrupted run")
     return path
 
 

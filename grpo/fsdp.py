@@ -12,16 +12,26 @@ each rank and kept until sampling ends, so every decode step runs locally with n
 may then stop after different numbers of steps (their responses differ) without deadlocking, and
 decoding does not pay a per-layer all-gather per token. Cost: one full copy of the model per rank
 for the duration of sampling (8 GB for Qwen3-4B in bf16).
+
+Gradients are reduce-scattered in fp32 and averaged over ranks (FSDP's default); the trainer's loss is
+already a mean over the whole step on all ranks, so it scales its loss by the world size.
+Checkpoints (`save_sharded` / `load_sharded`, used by grpo/checkpoint.py) go through
+torch.distributed.checkpoint in one process and under FSDP alike, so a run resumes on any world size.
+Every function here that talks to other ranks is a collective: all ranks call it, in the same order.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+_RESHARD_LAYER, _RESHARD_ROOT = True, False  # parallelize's choice, restored after sampling
 
 
 @dataclass(frozen=True)
@@ -70,8 +80,10 @@ def parallelize(model, d: Dist, *, compute_dtype: torch.dtype = torch.float32, a
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=_RESHARD_LAYER)
+    # the policy's root (embeddings, final norm, head) stays gathered from forward to backward: it is
+    # needed first in backward anyway. A frozen model has no backward to reshard it: reshard at once.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=_RESHARD_ROOT if trainable else True)
     return model
 
 
@@ -81,17 +93,19 @@ def _fsdp_modules(model):
 
 @contextmanager
 def gathered_for_sampling(model):
-    """Keep the full parameters gathered on every rank while sampling (see the module docstring)."""
+    """Keep the full parameters gathered on every rank while sampling (see the module docstring): one
+    all-gather per FSDP unit on entry; inside, forwards find their unit already unsharded and run no
+    collective. On exit every unit is resharded and gets back parallelize's reshard_after_forward."""
     mods = _fsdp_modules(model)
     for m in mods:
         m.unshard()
-        m.set_reshard_after_forward(False)
+        m.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
         for m in mods:
             m.reshard()
-            m.set_reshard_after_forward(True)
+            m.set_reshard_after_forward(_RESHARD_ROOT if m is model else _RESHARD_LAYER, recurse=False)
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -124,16 +138,67 @@ def barrier() -> None:
 
 
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
-    """Global gradient norm (over all shards), clipped to max_norm when max_norm > 0."""
+    """Global gradient norm (over all shards and ranks), and the gradients clipped to max_norm when
+    max_norm > 0. Under FSDP the gradients are DTensor shards: their norm is a partial sum per rank,
+    made whole with full_tensor() (a collective: every rank calls this), then used to scale the shards."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def model_state_dict(model) -> dict:
-    """The full (unsharded) state dict on rank 0, on CPU, for the HF export; {} on other ranks."""
+    """The full (unsharded) state dict on rank 0, on CPU, for the HF export; {} on other ranks. Under
+    FSDP this gathers every parameter: a collective that every rank must call."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not _fsdp_modules(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextmanager
+def _single_process_dcp():
+    """Yields DCP's no_dist flag; in one process also silences DCP's warning that it assumes one process."""
+    no_dist = not dist.is_initialized()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield no_dist
+
+
+def save_sharded(model, opt, path: str) -> bool:
+    """Model and optimizer as each rank holds them (DTensor shards under FSDP, whole tensors in one
+    process) into `path` with torch.distributed.checkpoint: exact bytes, one file per rank, optimizer
+    state keyed by parameter name, so `load_sharded` works under any sharding. A collective.
+    Returns whether optimizer state was saved: before its first step AdamW has none, and asking DCP for
+    it would create it (a zero-lr step that would change the bias correction of the first real update)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    sd = {"model": get_model_state_dict(model)}
+    with_optim = bool(opt.state)  # the same on every rank: all ranks take (or skip) the same updates
+    if with_optim:
+        sd["optim"] = get_optimizer_state_dict(model, opt)
+    with _single_process_dcp() as no_dist:
+        dcp.save(sd, checkpoint_id=path, no_dist=no_dist)
+    return with_optim
+
+
+def load_sharded(model, opt, path: str, with_optim: bool = True) -> None:
+    """Load what `save_sharded` wrote, in place, resharding to this run's world size. A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    sd = {"model": get_model_state_dict(model)}  # the live tensors (or shards) to load into
+    if with_optim:  # on a fresh optimizer this first creates AdamW's state (a zero-lr step, weights
+        sd["optim"] = get_optimizer_state_dict(model, opt)  # unchanged); the load overwrites it, step included
+    with _single_process_dcp() as no_dist:
+        dcp.load(sd, checkpoint_id=path, no_dist=no_dist)
+    set_model_state_dict(model, sd["model"])
+    if with_optim:
+        set_optimizer_state_dict(model, opt, sd["optim"])

@@ -1,0 +1,255 @@
+"""grpo/checkpoint.py: a run killed with SIGKILL (or stopped by SIGTERM) and resumed ends BITWISE where an
+uninterrupted run ends, in one process and on 2 gloo ranks; incomplete checkpoints are skipped, `.tmp`
+directories never count, the last k are kept, the HF export loads in plain transformers with the
+trainer's logits, and an incompatible config is refused naming the key.
+
+Every run is a toy GRPO run of 4 steps (tests/dist_worker.py) in a fresh process; the comparison is
+torch.equal on every tensor plus equal metrics, so model, AdamW state (step included), scheduler, data
+position, sampler seed and RNG must all come back exactly.
+"""
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from grpo import checkpoint as ckpt
+from grpo.fsdp import Dist
+from grpo.optim import build_optimizer
+from grpo.trainer import TrainState
+
+from .dist_worker import PROBE, finish, log_tail, run, start
+from .test_trainer import tiny, toy_config
+
+STEPS = 4
+# 2 prompts a step from 6: steps 0-3 see prompts 0-1, 2-3, 4-5, 0-1, so the data position matters
+TEXTS = ["hello world", "how many", "solve the problem", "tom has 3", "what is left", "add them up"]
+VOLATILE = ("time/", "tokens_per_s")  # metrics that measure the machine, not the training
+
+
+def spec(out, *, block=None, resume="never", every=2) -> dict:
+    s = {"out": str(out), "texts": TEXTS,
+         "config": {"grpo": {"steps": STEPS, "prompts_per_step": 2, "mini_batch_prompts": 2},
+                    "checkpoint": {"every": every, "resume": resume},
+                    "optim": {"schedule": "cosine", "warmup_steps": 1}}}  # the lr changes every step
+    if block:
+        s["block"] = block
+    return s
+
+
+def read(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def wait_for(path, proc, workdir, timeout=90.0) -> str:
+    """Wait until the worker writes `path` (a marker holding its pid); fail if it exits or takes too long."""
+    end = time.monotonic() + timeout
+    while not os.path.exists(path) or not read(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode} before writing {path}:\n{log_tail(workdir)}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"no {path} after {timeout} s:\n{log_tail(workdir)}")
+        time.sleep(0.05)
+    return read(path)
+
+
+def interrupted_runs(root, nproc: int) -> dict:
+    """In one process (or one torchrun launch): the straight run, a run that gets SIGTERM during step 1
+    (on one rank only when there are two), and a run SIGKILLed during step 2, after its step-2 checkpoint
+    is complete. Then, in a fresh process, both interrupted runs resume (checkpoint.resume=auto).
+    Returns what the run directories held at the kill."""
+    ranks = max(nproc, 1)
+    proc = start([spec(root / "straight"),
+                  spec(root / "term", block={"at": 1, "mode": "wait"}, every=0),
+                  spec(root / "kill", block={"at": 2, "mode": "hang"})], str(root), nproc)
+    pid = wait_for(root / "term" / f"at-step-rank{ranks - 1}", proc, str(root))
+    os.kill(int(pid), signal.SIGTERM)  # the last rank only: the ranks must agree to stop together
+    (root / "term" / "go").write_text("")
+    pids = [wait_for(root / "kill" / f"at-step-rank{r}", proc, str(root)) for r in range(ranks)]
+    at_kill = {name: {"checkpoints": sorted(os.listdir(root / name / "checkpoints")),
+                      "steps": [r["step"] for r in metrics(root / name)]} for name in ("term", "kill")}
+    for p in pids:
+        os.kill(int(p), signal.SIGKILL)
+    assert finish(proc, str(root), timeout=60) != 0
+    run([spec(root / "kill", resume="auto"), spec(root / "term", resume="auto", every=0)], str(root), nproc)
+    return at_kill
+
+
+def metrics(out) -> list:
+    return [json.loads(line) for line in read(out / "metrics.jsonl").splitlines()]
+
+
+def assert_same_run(resumed, straight):
+    a, b = torch.load(resumed / "weights.pt"), torch.load(straight / "weights.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    ra, rb = metrics(resumed), metrics(straight)
+    assert [r["step"] for r in ra] == list(range(STEPS))  # continuous: each step once
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if not k.startswith(VOLATILE)} == \
+               {k: v for k, v in y.items() if not k.startswith(VOLATILE)}
+
+
+def assert_export_matches(run_dir):
+    """checkpoints/step-4/model loads in plain transformers and gives the live model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / f"step-{STEPS}" / "model")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(PROBE)).logits
+    assert torch.allclose(logits, torch.load(run_dir / "logits.pt"), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    return root, interrupted_runs(root, nproc=0)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    return root, interrupted_runs(root, nproc=2)
+
+
+def stopped(run_dir, rank=0) -> str:
+    return json.loads(read(run_dir / f"rank{rank}.json")).get("stopped", "")
+
+
+def test_sigkill_then_resume_is_bitwise(one_process):
+    root, at_kill = one_process
+    assert at_kill["kill"] == {"checkpoints": ["step-2"], "steps": [0, 1]}  # killed inside step 2, no .tmp
+    assert_same_run(root / "kill", root / "straight")
+
+
+def test_sigterm_finishes_the_step_saves_stops_and_resumes(one_process):
+    root, at_kill = one_process
+    assert "stopped at step 2" in stopped(root / "term")  # StopRequested raised out of train_grpo
+    assert at_kill["term"] == {"checkpoints": ["step-2"], "steps": [0, 1]}  # every=0: the stop's checkpoint
+    assert_same_run(root / "term", root / "straight")
+
+
+def test_export_loads_in_transformers(one_process):
+    assert_export_matches(one_process[0] / "kill")
+
+
+def test_two_ranks_sigkill_then_resume_is_bitwise(two_ranks):
+    root, at_kill = two_ranks
+    assert at_kill["kill"] == {"checkpoints": ["step-2"], "steps": [0, 1]}
+    assert_same_run(root / "kill", root / "straight")
+    assert_export_matches(root / "kill")  # gathered from 2 FSDP ranks
+
+
+def test_two_ranks_stop_together_on_one_signal(two_ranks):
+    root, at_kill = two_ranks
+    assert all("stopped at step 2" in stopped(root / "term", rank) for rank in (0, 1))  # only rank 1 got it
+    assert at_kill["term"] == {"checkpoints": ["step-2"], "steps": [0, 1]}
+    assert_same_run(root / "term", root / "straight")
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, tok):
+    """DCP reshards on load: a 2-rank checkpoint continues in one process (with a warning that samples
+    will differ from the 2-rank run's), model and optimizer state complete."""
+    from safetensors.torch import load_file
+
+    path = two_ranks[0] / "kill" / "checkpoints" / "step-2"
+    cfg = toy_config(grpo={"prompts_per_step": 2, "mini_batch_prompts": 2}, checkpoint={"resume": str(path)})
+    model = tiny(tok, seed=7)
+    opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 0, 10)
+    state = TrainState()
+    with pytest.warns(UserWarning, match="written by 2 ranks and is resumed on 1"):
+        ckpt.resume(str(path.parent.parent), cfg, model, opt, sched, state, None, Dist())
+    exported = load_file(path / "model" / "model.safetensors")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in exported.items())
+    assert state.step == 2 and all(float(s["step"]) == 2 for s in opt.state.values())  # two AdamW updates
+    assert len(opt.state) == len(list(model.parameters()))
+
+
+# --- in-process: which checkpoint counts ----------------------------------------------------------------
+
+def saved_steps(tok, run_dir, steps, cfg=None, keep=0):
+    cfg = cfg or toy_config(checkpoint={"keep": keep})
+    model = tiny(tok)
+    opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 0, 10)
+    for step in steps:
+        with torch.no_grad():
+            model.lm_head.weight[0, 0] = float(step)  # tells the checkpoints apart
+        ckpt.save(str(run_dir), cfg, model, opt, sched, TrainState(step=step, feed={"pos": step}), Dist(), tok)
+    return model, opt, sched
+
+
+def resume_into(tok, run_dir, cfg=None):
+    cfg = cfg or toy_config(checkpoint={"resume": "auto"})
+    model = tiny(tok, seed=7)
+    opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 0, 10)
+    state = TrainState()
+    path = ckpt.resume(str(run_dir), cfg, model, opt, sched, state, None, Dist())
+    return path, state, model
+
+
+def test_incomplete_checkpoints_are_skipped(tok, tmp_path):
+    saved_steps(tok, tmp_path, [1, 2, 3, 9])
+    root = tmp_path / "checkpoints"
+    weights = root / "step-3" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    os.remove(root / "step-2" / "trainer.pt")  # missing
+    os.rename(root / "step-9", root / "step-9.tmp")  # a save that did not get to its rename: never counts
+    with pytest.warns(UserWarning) as caught:
+        path, state, model = resume_into(tok, tmp_path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "step-3" in messages and "truncated" in messages and "step-2" in messages and "missing" in messages
+    assert path.endswith("step-1") and state.step == 1 and state.feed == {"pos": 1}
+    assert model.lm_head.weight[0, 0].item() == 1.0
+
+
+def test_keep_last_k(tok, tmp_path):
+    (tmp_path / "checkpoints" / "step-7.tmp").mkdir(parents=True)  # left by a killed save
+    saved_steps(tok, tmp_path, [1, 2, 3, 4, 5], keep=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-4", "step-5"]
+    assert ckpt.latest(str(tmp_path)).endswith("step-5")
+
+
+@pytest.mark.parametrize("key,value", [("rollout", {"group_size": 4}), ("variant", "structured")])
+def test_incompatible_config_is_refused(tok, tmp_path, key, value):
+    saved_steps(tok, tmp_path, [1])
+    cfg = toy_config(**{key: value}, checkpoint={"resume": "auto"})
+    name = "rollout.group_size" if key == "rollout" else "variant"
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        resume_into(tok, tmp_path, cfg)
+
+
+def test_rng_is_restored(tok, tmp_path):
+    saved_steps(tok, tmp_path, [1])
+    expected = torch.rand(3)  # what an uninterrupted run would draw next
+    resume_into(tok, tmp_path)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_saving_before_the_first_update_leaves_the_optimizer_alone(tok, tmp_path):
+    """AdamW has no state before its first step; a checkpoint must not create one (that would change the
+    first update), and resuming it gives a fresh optimizer at the saved learning rate."""
+    cfg = toy_config(checkpoint={"resume": "auto"})
+    model = tiny(tok)
+    opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 5, 10)  # warmup: lr 2e-4 at step 0
+    sched.step()  # 4e-4: the lr after one (skipped) update
+    ckpt.save(str(tmp_path), cfg, model, opt, sched, TrainState(step=1), Dist(), tok)
+    assert not opt.state
+    model = tiny(tok, seed=3)
+    opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 5, 10)
+    ckpt.resume(str(tmp_path), cfg, model, opt, sched, TrainState(), None, Dist())
+    assert not opt.state and opt.param_groups[0]["lr"] == pytest.approx(4e-4)
+    assert torch.equal(model.lm_head.weight, tiny(tok).lm_head.weight)
+
+
+def test_resume_never_and_explicit_path(tok, tmp_path):
+    saved_steps(tok, tmp_path, [1, 2])
+    assert resume_into(tok, tmp_path, toy_config(checkpoint={"resume": "never"}))[0] is None
+    path = str(tmp_path / "checkpoints" / "step-1")
+    assert resume_into(tok, tmp_path, toy_config(checkpoint={"resume": path}))[1].step == 1
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        resume_into(tok, tmp_path, toy_config(checkpoint={"resume": str(tmp_path / "nowhere")}))
