@@ -65,3 +65,30 @@ def micro_batches(prompt_len: torch.Tensor, response_len: torch.Tensor, budget: 
     if cur:
         groups.append(cur)
     return groups
+
+
+def aligned_micro_batches(batch: TrainBatch, budget: int, device) -> list[tuple[list, float]]:
+    """(rows, weight) micro-batches of `batch`; every rank gets the same count (FSDP forwards and backwards
+    are collectives), the ranks with fewer repeating their last micro-batch at weight 0."""
+    from .fsdp import all_reduce
+
+    groups = micro_batches(batch.prompt_len, batch.response_len, budget)
+    n = int(all_reduce(torch.tensor(float(len(groups)), device=device), op="max").item())
+    return [(groups[min(i, len(groups) - 1)], 1.0 if i < len(groups) else 0.0) for i in range(n)]
+
+
+def pack_rows(prompts: list, responses: list, pad_id: int, loss_masks: list | None = None,
+              advantages: torch.Tensor | None = None) -> TrainBatch:
+    """A TrainBatch from token lists: prompts left-padded, responses right-padded (the sampler's layout).
+    loss_masks: per response, 1 where the token is trained (default: all of it)."""
+    N, Lp, M = len(prompts), max(map(len, prompts)), max(1, max(map(len, responses)))
+    ids = torch.full((N, Lp + M), pad_id, dtype=torch.long)
+    attn = torch.zeros(N, Lp + M, dtype=torch.long)
+    loss = torch.zeros(N, Lp + M, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, Lp - len(p):Lp], ids[i, Lp:Lp + len(r)] = torch.tensor(p, dtype=torch.long), torch.tensor(r, dtype=torch.long)
+        attn[i, Lp - len(p):Lp + len(r)] = 1
+        loss[i, Lp:Lp + len(r)] = torch.tensor(loss_masks[i] if loss_masks else [1] * len(r), dtype=torch.long)
+    adv = torch.zeros(N) if advantages is None else advantages
+    return TrainBatch(ids, attn, loss, torch.zeros(N, Lp + M), adv, Lp, torch.tensor([len(p) for p in prompts]),
+                      torch.tensor([len(r) for r in responses]))

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from model.patch import structured_tags
+from model.tokenizer import decode_responses, newline_id, stop_token_ids
 from rewards import RewardFn, RewardPool, parallel_stats
 from rollout import Sampler
 
@@ -60,7 +61,7 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     resumed = ckpt.resume(run_dir, cfg, model, opt, sched, state, feed, d)
     if resumed:
         truncate_metrics(run_dir, state.step) if d.main else None
-    sampler = Sampler(model, tags=tags, pad_id=tokenizer.pad_token_id, newline_id=_newline_id(tokenizer),
+    sampler = Sampler(model, tags=tags, pad_id=tokenizer.pad_token_id, newline_id=newline_id(tokenizer),
                       num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks,
                       max_path_tokens=ro.max_path_tokens, prefill_rows=ro.prefill_rows, dtype=compute_dtype)
     r = cfg.reward
@@ -97,11 +98,11 @@ def grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sche
     with torch.no_grad(), gathered_for_sampling(model):
         rollout = sampler.generate([it.prompt_ids for it in items], n=G, max_new_tokens=ro.max_new_tokens,
                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                   stop_ids=_stop_ids(tokenizer), structured=structured_tags(model) is not None,
+                                   stop_ids=stop_token_ids(tokenizer), structured=structured_tags(model) is not None,
                                    seed=cfg.seed * 1_000_003 + step * d.world + d.rank)
     t1 = time.perf_counter()
     # 2. score
-    texts = _decode(tokenizer, rollout)
+    texts = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
     scores = pool.score(reward_fn, texts, [it.answer for it in items for _ in range(G)], step)
     rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
     t2 = time.perf_counter()
@@ -194,7 +195,7 @@ def _update(model, opt, sched, batch: TrainBatch, rows, old_logp, ref_logp, cfg,
                                      "The last checkpoint is intact.")
     opt.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped update still advances the schedule, by design
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message="Detected call of")
         sched.step()
     totals["grad_norm"], totals["skipped_update"] = grad_norm, float(not ok)
     return totals
@@ -247,7 +248,7 @@ def _step_metrics(step, rollout, texts, scores, rewards, updates, G, sched, d, t
     local = torch.tensor([
         len(texts), float(rewards.sum()), float((rewards ** 2).sum()),
         sum(float(c.get("accuracy", 0.0)) for c in scores.components),
-        sum(s.num_blocks > 0 and s.well_formed for s in stats), sum(s.well_formed for s in stats),
+        sum(s.num_blocks > 0 for s in stats), sum(s.well_formed for s in stats),  # DESIGN: >= 1 valid block
         float(lengths.sum()), sum(r != "stop" for r in rollout.finish_reason), frac_zero_std(rewards, G) * len(texts) / G,
         sum(first), len(first), float(rollout.response_mask.sum()), scores.timeouts,
     ], dtype=torch.float64, device=d.device)
@@ -293,28 +294,3 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
-
-
-def _newline_id(tokenizer) -> int | None:
-    ids = tokenizer.encode("\n", add_special_tokens=False)
-    return ids[0] if len(ids) == 1 else None
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
-
-
-def _decode(tokenizer, rollout) -> list[str]:
-    """Response texts for the reward: tags kept, the final stop token dropped."""
-    stops = set(_stop_ids(tokenizer))
-    out = []
-    for ids, mask in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist()):
-        ids = ids[: sum(mask)]
-        if ids and ids[-1] in stops:
-            ids = ids[:-1]
-        out.append(tokenizer.decode(ids, skip_special_tokens=False))
-    return out

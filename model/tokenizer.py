@@ -77,3 +77,30 @@ def build_qwen_tokenizer(tiktoken_path: str) -> PreTrainedTokenizerFast:
     hf.chat_template = CHAT_TEMPLATE
     add_tag_tokens(hf)
     return hf
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Tokens that end a response: EOS, and `<|im_end|>` when the tokenizer has it (chat models)."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def newline_id(tokenizer) -> int | None:
+    """The single token of "\\n" (forced after `</Parallel>` in structured sampling), or None."""
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def decode_responses(tokenizer, response_ids, response_mask) -> list[str]:
+    """Response texts for rewards and reports: tags kept, the final stop token dropped."""
+    stops = set(stop_token_ids(tokenizer))
+    out = []
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+        ids = ids[: sum(mask)]
+        if ids and ids[-1] in stops:
+            ids = ids[:-1]
+        out.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return out

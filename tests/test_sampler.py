@@ -246,3 +246,17 @@ def test_prefill_once_per_prompt_and_finished_rows_cost_nothing(tok, tags):
     lengths = r.response_mask.sum(1)
     assert lengths.max() - lengths.min() > 20
     assert decode_rows == int(lengths.sum()) - 16  # exactly one row-step per token after the first
+
+
+def test_sampling_a_checkpointed_model_in_training_mode(tiny_model, tok):
+    """transformers 5.17 drops the cache of a checkpointed layer in training mode even under no_grad: the
+    sampler runs in eval mode and restores the model's own mode afterwards."""
+    from grpo.logprobs import token_logprobs
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiny_model.train()
+    r = Sampler(tiny_model, pad_id=tok.pad_token_id).generate(prompts_of(tok, "hello world"), n=2, max_new_tokens=6)
+    assert tiny_model.training and all(m.training for m in tiny_model.modules())
+    ids, mask, start = r.sequences()
+    with torch.no_grad():
+        lp = token_logprobs(tiny_model.eval(), ids, mask)[:, start:]
+    assert (lp - r.logprobs)[r.response_mask.bool()].abs().max() < 1e-4
