@@ -1,0 +1,423 @@
+"""Evaluation on the paper's benchmarks (DESIGN.md "Evaluation"; issue 10): k samples per problem, scored
+in a RewardPool (one pathological answer cannot stall it), reported as mean@k / unbiased pass@k plus the
+parallel-thinking analysis (curriculum/report.py). `evaluate` is what the stages call for their held-out
+figures; `cli` is `python run.py eval`. Resumable: samples.jsonl is appended after every scored batch and
+a problem whose samples are all there is never sampled again.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import warnings
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from grpo.checkpoint import is_complete, latest, list_checkpoints
+from model.tokenizer import decode_responses, newline_id, stop_token_ids as stop_ids
+# TODO(lead): these three belong in a public place under rollout/ (the trainer uses them too)
+from model import (apply_structured_attention, check_tokenizer_fits, load_model, load_tokenizer,
+                   remove_structured_attention, structured_tags)
+from rewards import RewardFn, RewardPool
+from rollout import Sampler
+
+from . import report
+from .config import ConfigError, build_config, deep_merge, from_dict, parse_overrides, read_yaml
+from .data import DataError, load_examples
+from .prompts import encode_prompt, format_prompt
+from .report import EvalError, resume
+
+VARIANTS = ("causal", "structured")
+
+
+@dataclass
+class BenchmarkSpec:
+    """One entry of eval.benchmarks (checked like every config key)."""
+    path: str | None = None  # JSONL/parquet; relative paths are read from eval.data_dir; default <name>.jsonl
+    samples: int | None = None  # responses per problem (the k of mean@k, pass@k); default 1
+    temperature: float | None = None  # default rollout.temperature
+    fields: dict | None = None  # our name -> column, as data.fields
+    repair_latex_escapes: bool = False  # undo the "\x0crac" JSON-escape damage (curriculum.data)
+    synthetic: dict | None = None  # the demo task instead of a file: {difficulty, n, seed}
+
+
+# --- the core -------------------------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, tags, benchmarks: dict, *, samples: int | dict = 1, temperature: float | dict = 1.0,
+             top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 3000, structured: bool | None = None,
+             prompt_style: str = "parallel", template: str = "raw", max_prompt_tokens: int | None = 2000,
+             batch_prompts: int = 32, max_batch_rows: int | None = None, seed: int = 0, num_paths: int = 2,
+             max_parallel_blocks: int = 4, max_path_tokens: int | None = None, prefill_rows: int = 64,
+             out_dir: str | None = None, timeout: float = 10.0, workers: int = 2, label: str = "model",
+             restart_if_changed: bool = False, progress: bool = True) -> dict:
+    """Sample `samples` responses per problem of each benchmark (name -> list[Example]), score them against
+    the gold answers and return {name: figures, ..., "overall": figures} (report.summarize; the keys are
+    listed in report.benchmark_figures / parallel_figures). `samples` and `temperature` may be dicts per
+    benchmark. structured=None follows the model (patched or not); True patches it for the call.
+    `timeout`: seconds per response in the scoring pool (`workers` processes; 0 = in this process).
+    With `out_dir`: samples.jsonl (resumed), results.json, results.md and plots, row label `label`; an
+    out_dir drawn with other settings raises EvalError, or starts over when `restart_if_changed`."""
+    records = sample_and_score(**{k: v for k, v in locals().items() if k != "label"})  # every other argument
+    result = report.summarize(records, order=list(benchmarks))
+    if out_dir is not None:
+        report.write_results(out_dir, label, result)
+    return result
+
+
+def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, temperature=1.0, top_p=1.0, top_k=0,
+                     max_new_tokens=3000, structured=None, prompt_style="parallel", template="raw",
+                     max_prompt_tokens=2000, batch_prompts=32, max_batch_rows=None, seed=0, num_paths=2,
+                     max_parallel_blocks=4, max_path_tokens=None, prefill_rows=64, out_dir=None, timeout=10.0,
+                     workers=2, restart_if_changed=False, progress=True) -> list[dict]:
+    """The scored records (report.make_record) of every sample `evaluate` reports on, finished ones read
+    back from out_dir/samples.jsonl and the rest sampled now (see `evaluate` for the arguments)."""
+    if "overall" in benchmarks:
+        raise ValueError("a benchmark may not be named 'overall' (the pooled entry of the results)")
+    ks, temps = _per_benchmark(samples, benchmarks, "samples"), _per_benchmark(temperature, benchmarks, "temperature")
+    with _sampling_mode(model, tags, structured) as structured:
+        settings = dict(max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, structured=structured,
+                        prompt_style=prompt_style, template=template, max_prompt_tokens=max_prompt_tokens,
+                        num_paths=num_paths, max_parallel_blocks=max_parallel_blocks, max_path_tokens=max_path_tokens,
+                        seed=seed, weights=weights_fingerprint(model) if out_dir else None)
+        records = resume(out_dir, settings, benchmarks, ks, temps, restart_if_changed)
+        finished = {(r["benchmark"], r["problem_index"]) for r in records}
+        sampler = Sampler(model, tags=tags, pad_id=_pad_id(tokenizer), newline_id=newline_id(tokenizer),
+                          num_paths=num_paths, max_parallel_blocks=max_parallel_blocks,
+                          max_path_tokens=max_path_tokens, prefill_rows=prefill_rows)
+        left = sum(len(exs) for exs in benchmarks.values()) - len(finished)
+        with RewardPool(workers=workers, timeout=timeout) as pool, \
+                tqdm(total=left, desc="eval", unit="problem", disable=not progress) as bar:
+            score = _scorer(pool, RewardFn(mode="accuracy", timeout=timeout / 2))  # the check gets half the limit
+            for name, examples in benchmarks.items():
+                bar.set_description(f"eval {name}")
+                per_call = _prompts_per_call(batch_prompts, max_batch_rows, ks[name])
+                for b, start in enumerate(range(0, len(examples), per_call)):
+                    todo = [i for i in range(start, min(start + per_call, len(examples))) if (name, i) not in finished]
+                    if todo:
+                        batch = _sample_batch(sampler, score, tokenizer, name, examples, todo, ks[name], temps[name],
+                                              _batch_seed(seed, name, b), settings)
+                        if out_dir is not None:
+                            report.append_records(os.path.join(out_dir, "samples.jsonl"), batch)
+                        records += batch
+                        bar.update(len(todo))
+    return records
+
+
+def _sample_batch(sampler, score, tokenizer, name, examples, todo, k, temperature, seed, s) -> list[dict]:
+    """Sample k responses for each problem index in `todo` in one sampler call, score them, make records."""
+    prompts = [encode_prompt(tokenizer, format_prompt(examples[i].question, s["prompt_style"]), s["template"],
+                             s["max_prompt_tokens"])[0] for i in todo]
+    rollout = sampler.generate(prompts, n=k, max_new_tokens=s["max_new_tokens"], temperature=temperature,
+                               top_p=s["top_p"], top_k=s["top_k"], stop_ids=stop_ids(tokenizer),
+                               structured=s["structured"], seed=seed)
+    texts = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)  # rows are group-contiguous: row j is problem todo[j // k]
+    golds = [examples[i].answer for i in todo for _ in range(k)]
+    verdicts = score(texts, golds)
+    lengths = rollout.response_mask.sum(1).tolist()
+    return [report.make_record(benchmark=name, problem_index=todo[j // k], problem_id=examples[todo[j // k]].id,
+                               sample=j % k, response=texts[j], gold=golds[j], correct=v.get("correct", False),
+                               answer=v.get("answer"), verdict=v.get("verdict", ""), length=lengths[j],
+                               finish_reason=rollout.finish_reason[j], temperature=temperature)
+            for j, v in enumerate(verdicts)]
+
+
+def _scorer(pool: RewardPool, reward_fn):
+    return lambda texts, golds: pool.score(reward_fn, texts, golds, 0).components
+
+
+def _prompts_per_call(batch_prompts: int, max_batch_rows: int | None, k: int) -> int:
+    return batch_prompts if max_batch_rows is None else max(1, min(batch_prompts, max_batch_rows // k))
+
+
+def _batch_seed(seed: int, name: str, batch: int) -> int:
+    """A seed per (benchmark, batch of the fixed batch grid): a resumed run draws what the first would have."""
+    return seed * 1_000_003 + zlib.crc32(f"{name}/{batch}".encode())
+
+
+def _per_benchmark(value, benchmarks: dict, what: str) -> dict:
+    if not isinstance(value, dict):
+        return {name: value for name in benchmarks}
+    missing = sorted(set(benchmarks) - set(value))
+    if missing:
+        raise ValueError(f"{what}: no value for benchmark(s) {missing}; give one number or a dict over "
+                         f"{sorted(benchmarks)}")
+    return {name: value[name] for name in benchmarks}
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@contextmanager
+def _sampling_mode(model, tags, structured: bool | None):
+    """Eval mode, and the structured-attention patch for a structured evaluation of a plain model (taken
+    off again afterwards); yields whether sampling is structured."""
+    patched = structured_tags(model) is not None
+    structured = patched if structured is None else structured
+    if structured and tags is None:
+        raise ValueError("structured evaluation needs the tag ids: pass tags=add_tag_tokens(tokenizer)")
+    if patched and not structured:
+        raise ValueError("the model carries the structured-attention patch but structured=False; pass "
+                         "structured=True (or None), or take the patch off first: remove_structured_attention(model)")
+    apply = structured and not patched
+    was_training = model.training
+    if apply:
+        apply_structured_attention(model, tags)
+    model.eval()
+    try:
+        yield structured
+    finally:
+        if apply:
+            remove_structured_attention(model)
+        model.train(was_training)
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of strided samples of a few weight tensors: tells whether out_dir's samples came from
+    these weights. Strided views, so a 389M-entry embedding is never copied to sum it."""
+    params = list(model.parameters())
+    sums = []
+    for p in params[:: max(1, len(params) // 8)]:
+        flat = p.detach().reshape(-1)
+        sums.append(repr(float(flat[:: max(1, flat.numel() // 4096)].double().sum())))
+    return hashlib.sha1(",".join(sums).encode()).hexdigest()[:16]
+
+
+# --- configs, benchmarks, models ------------------------------------------------------------------------
+
+def eval_config(path: str = "eval.yaml", overrides: list | None = None, limit: int | None = None):
+    """The validated Config of an evaluation: the YAML file, `--set` overrides, `--limit`."""
+    data = deep_merge(read_yaml(path), parse_overrides(overrides))
+    if limit is not None:
+        data = deep_merge(data, {"eval": {"limit": limit}})
+    cfg = build_config(data)
+    benchmark_specs(cfg)
+    return cfg
+
+
+def benchmark_specs(cfg) -> dict:
+    specs = {}
+    for name, entry in cfg.eval.benchmarks.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"eval.benchmarks.{name}: expected a mapping such as {{path: {name}.jsonl, samples: 16}}")
+        specs[name] = from_dict(BenchmarkSpec, entry, f"eval.benchmarks.{name}.")
+    return specs
+
+
+def load_benchmarks(cfg, only: list[str] | None = None) -> dict:
+    """name -> examples of cfg.eval.benchmarks (or those named in `only`), eval.limit problems each."""
+    specs = benchmark_specs(cfg)
+    if not specs:
+        raise ConfigError("eval.benchmarks is empty; list the benchmarks (see configs/eval.yaml)")
+    unknown = sorted(set(only or []) - set(specs))
+    if unknown:
+        raise ConfigError(f"--benchmarks: unknown name(s) {unknown}; eval.benchmarks has {sorted(specs)}")
+    out = {}
+    for name, spec in specs.items():
+        if only and name not in only:
+            continue
+        if spec.synthetic is not None:
+            from .stages import synthetic_sets
+            out[name] = synthetic_sets(spec.synthetic)[:cfg.eval.limit]
+        else:
+            path = os.path.join(cfg.eval.data_dir, spec.path or f"{name}.jsonl")  # an absolute path stays
+            out[name] = load_examples(path, spec.fields, cfg.eval.limit, spec.repair_latex_escapes)
+    return out
+
+
+def config_kwargs(cfg, benchmarks: dict) -> dict:
+    """`evaluate`'s settings from a Config: eval.* benchmarks, rollout, data (prompts), reward (pool)."""
+    specs, ro, dc = benchmark_specs(cfg), cfg.rollout, cfg.data
+    samples = {n: cfg.eval.samples or specs[n].samples or 1 for n in benchmarks}
+    temps = {n: ro.temperature if specs[n].temperature is None else specs[n].temperature for n in benchmarks}
+    return dict(samples=samples, temperature=temps, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
+                prompt_style=dc.prompt_style, template=dc.template, max_prompt_tokens=dc.max_prompt_tokens,
+                batch_prompts=cfg.eval.batch_prompts, max_batch_rows=cfg.eval.max_batch_rows, seed=cfg.seed,
+                num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks, max_path_tokens=ro.max_path_tokens,
+                prefill_rows=ro.prefill_rows, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to evaluate: its HF directory, variant and names."""
+    path: str  # config.json + safetensors (+ tokenizer)
+    variant: str  # causal | structured
+    name: str  # "step-N", "final" or the directory name
+    label: str  # the row label of tables, e.g. "stage2/step-100"
+    step: int | None = None
+
+
+def _is_hf(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _saved_variant(*config_files: str) -> str | None:
+    """The `variant` of the first resolved config.yaml that exists."""
+    for path in config_files:
+        if os.path.isfile(path):
+            with open(path) as f:
+                variant = (yaml.safe_load(f) or {}).get("variant")
+            return variant if variant in VARIANTS else None
+    return None
+
+
+def resolve_model(path: str, variant: str | None = None) -> ModelRef:
+    """An HF directory (config.json; a checkpoint's model/ or a run's final/ take the variant from the
+    config.yaml beside them), a checkpoint `step-N` (its model/ and config.yaml), or a run directory
+    (final/, else its latest complete checkpoint). `variant` overrides the saved one."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise EvalError(f"--model {path}: no such directory")
+    base, parent = os.path.basename(path), os.path.dirname(path)
+    if _is_hf(path) and base == "model" and os.path.basename(parent).startswith("step-"):
+        return resolve_model(parent, variant)  # a checkpoint's model/: the checkpoint
+    if _is_hf(path):
+        saved = _saved_variant(os.path.join(path, "config.yaml"), os.path.join(parent, "config.yaml"))
+        if base == "final":
+            return ModelRef(path, variant or saved or "causal", "final", f"{os.path.basename(parent)}/final")
+        return ModelRef(path, variant or saved or "causal", base, base)
+    if _is_hf(os.path.join(path, "model")):
+        step = int(base[5:]) if base.startswith("step-") and base[5:].isdigit() else None
+        run = os.path.basename(os.path.dirname(parent))
+        return ModelRef(os.path.join(path, "model"), variant or _saved_variant(os.path.join(path, "config.yaml"))
+                        or "causal", base, f"{run}/{base}", step)
+    if _is_hf(os.path.join(path, "final")):
+        return resolve_model(os.path.join(path, "final"), variant)
+    ckpt = latest(path)
+    if ckpt is not None:
+        return resolve_model(ckpt, variant)
+    subdirs = [os.path.join(path, d) for d in sorted(os.listdir(path))]
+    stages = [os.path.basename(d) for d in subdirs if _is_hf(os.path.join(d, "final")) or latest(d)]
+    hint = f"; it holds stage run directories, pass one of them: {stages}" if stages else ""
+    raise EvalError(f"--model {path}: not a Hugging Face model directory (no config.json), a checkpoint (no "
+                    f"model/config.json) or a run directory (no final/ and no complete checkpoints/step-N){hint}")
+
+
+def run_models(run_dir: str, variant: str | None = None) -> list[ModelRef]:
+    """Every complete checkpoint of a run in step order, then final/ (for --across)."""
+    refs = []
+    for _, path in list_checkpoints(run_dir):
+        problem = is_complete(path)
+        if problem is not None:
+            warnings.warn(f"skipping checkpoint {path}: {problem}")
+        elif _is_hf(os.path.join(path, "model")):
+            refs.append(resolve_model(path, variant))
+    if _is_hf(os.path.join(run_dir, "final")):
+        refs.append(resolve_model(os.path.join(run_dir, "final"), variant))
+    if not refs:
+        raise EvalError(f"--across {run_dir}: no complete checkpoints/step-N/model and no final/ to evaluate; "
+                        "pass a stage's run directory")
+    return refs
+
+
+def load_for_eval(ref: ModelRef, cfg):
+    """(model, tokenizer, tags) of `ref` on cfg.model.device; model.dtype applies on CUDA (fp32 on CPU). The
+    tokenizer: model.tokenizer when it names a directory, else the one saved with the model."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.model.device == "auto"
+                          else cfg.model.device)
+    if cfg.model.tokenizer not in (None, "words"):
+        tokenizer, tags = load_tokenizer(cfg.model.tokenizer)
+    elif any(os.path.isfile(os.path.join(ref.path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer, tags = load_tokenizer(ref.path)  # checkpoints and final/ carry the tokenizer they trained with
+    else:
+        raise EvalError(f"{ref.path} holds no tokenizer; point model.tokenizer at one (--set model.tokenizer=<dir>)")
+    dtype = cfg.model.dtype if device.type == "cuda" else "float32"
+    model = load_model(ref.path, dtype, cfg.model.attn_implementation, device, ref.variant == "structured")
+    check_tokenizer_fits(model, tokenizer, ref.path)
+    return model, tokenizer, tags
+
+
+def evaluate_ref(ref: ModelRef, cfg, benchmarks: dict, out_dir: str, progress: bool = True) -> dict:
+    """Load `ref`, evaluate it with the config's settings into out_dir, free it."""
+    model, tokenizer, tags = load_for_eval(ref, cfg)
+    try:
+        return evaluate(model, tokenizer, tags, benchmarks, structured=ref.variant == "structured", out_dir=out_dir,
+                        label=ref.label, progress=progress, **config_kwargs(cfg, benchmarks))
+    finally:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def stage_figures(model, tokenizer, tags, heldout: dict, cfg, d) -> dict:
+    """A stage's held-out figures for its summary.json (flat): accuracy (the Avg. of mean@k), accuracy_<name>,
+    parallel_ratio, format_validity, path_agreement, mean_length, blocks_per_response, first_block_position.
+    One process: files (resumable) in <run_dir>/heldout. Under FSDP each rank samples every world-th problem
+    with the full weights gathered once, and the records are pooled."""
+    kw = config_kwargs(cfg, heldout)
+    if d.world == 1:
+        result = evaluate(model, tokenizer, tags, heldout, out_dir=os.path.join(cfg.run_dir, "heldout"),
+                          label=cfg.name, restart_if_changed=True, **kw)
+    else:
+        import torch.distributed as dist
+        from grpo.fsdp import gathered_for_sampling
+
+        share = {n: exs[d.rank::d.world] for n, exs in heldout.items()}
+        with gathered_for_sampling(model):
+            kw["seed"] += d.rank  # other draws on every rank
+            mine = sample_and_score(model, tokenizer, tags, share, progress=d.main, **kw)
+        for r in mine:
+            r["problem_index"] = r["problem_index"] * d.world + d.rank  # back to the index in the full list
+        gathered = [None] * d.world
+        dist.all_gather_object(gathered, mine)
+        result = report.summarize([r for part in gathered for r in part], order=list(heldout))
+        if d.main:
+            report.write_results(os.path.join(cfg.run_dir, "heldout"), cfg.name, result)
+    overall = result.get("overall", {})
+    out = {k: overall.get(k) for k in ("parallel_ratio", "format_validity", "path_agreement", "mean_length",
+                                       "blocks_per_response", "first_block_position")}
+    out["accuracy"] = overall.get("mean_at_k")
+    out.update({f"accuracy_{n}": result[n]["mean_at_k"] for n in heldout if n in result})
+    return out
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+def _parse(argv: list[str]):
+    ap = argparse.ArgumentParser(prog="run.py eval", description="Evaluate a model (or every checkpoint of a run) "
+                                 "on the benchmarks of the config: mean@k, pass@k and the parallel-thinking analysis.")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="an HF model directory, a checkpoint step-N, or a run directory")
+    which.add_argument("--across", metavar="RUN_DIR", help="every checkpoint of a run in step order, then final/")
+    ap.add_argument("--config", default="eval.yaml", help="YAML config (a bare name resolves into configs/)")
+    ap.add_argument("--limit", type=int, help="problems per benchmark (a quick look)")
+    ap.add_argument("--out", help="output directory (default: <run_dir>/<model> or <RUN_DIR>/eval)")
+    ap.add_argument("--variant", choices=VARIANTS, help="override the variant saved with the model")
+    ap.add_argument("--benchmarks", help="comma-separated subset of eval.benchmarks")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable): --set eval.data_dir=/data --set eval.samples=4")
+    return ap.parse_args(argv)
+
+
+def cli(argv: list[str]) -> int:
+    """`python run.py eval ...`: prints the paper-style table and the output directory; 0 on success,
+    2 on a bad config, data file, model directory or output directory."""
+    args = _parse(argv)
+    try:
+        cfg = eval_config(args.config, args.set, args.limit)
+        benchmarks = load_benchmarks(cfg, args.benchmarks.split(",") if args.benchmarks else None)
+        refs = run_models(args.across, args.variant) if args.across else [resolve_model(args.model, args.variant)]
+        out = args.out or (os.path.join(args.across, "eval") if args.across
+                           else os.path.join(cfg.run_dir, refs[0].label.replace("/", "-")))
+        entries = []
+        for ref in refs:
+            sub = os.path.join(out, ref.name) if args.across else out
+            result = evaluate_ref(ref, cfg, benchmarks, sub)
+            entries.append({"name": ref.name, "label": ref.label, "step": ref.step, "model": ref.path,
+                            "variant": ref.variant, "results": result})
+    except (ConfigError, DataError, EvalError, FileNotFoundError) as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 2
+    if args.across:
+        report.write_across(out, entries)
+        print(report.across_markdown(entries))
+    else:
+        print(report.results_markdown(refs[0].label, entries[0]["results"]))
+    print(f"results: {os.path.abspath(out)}")
+    return 0
