@@ -37,7 +37,7 @@ class ModelConfig:
 class DataConfig:
     train: str | None = None  # JSONL or parquet of questions and answers
     val: str | None = None  # held-out file; when absent, `val_size` rows of train are held out
-    val_size: float = 0  # int rows or a fraction of train held out for validation
+    val_size: int | float = 0  # rows (int) or a fraction (float) of train held out for validation
     fields: dict = field(default_factory=dict)  # our name -> column, e.g. {question: problem}
     limit: int | None = None  # read only the first rows (debugging)
     repair_latex_escapes: bool = False  # undo the JSON-escape bug of DAPO-Math-17k ("\x0crac")
@@ -121,10 +121,14 @@ class SFTConfig:
 
 @dataclass
 class EvalConfig:
-    benchmarks: dict = field(default_factory=dict)  # name -> {path, samples, temperature, fields}
+    # name -> {path, samples, temperature, fields, repair_latex_escapes, synthetic}; checked key by key by
+    # curriculum.evaluate.BenchmarkSpec (a relative path is read from data_dir; default <data_dir>/<name>.jsonl)
+    benchmarks: dict = field(default_factory=dict)
     data_dir: str = "data"  # where benchmark files are looked up by default
     limit: int | None = None  # problems per benchmark (debugging)
+    samples: int | None = None  # responses per problem for every benchmark, overriding theirs (quick looks)
     batch_prompts: int = 32  # prompts per sampler call
+    max_batch_rows: int | None = None  # cap on prompts x samples per sampler call (the KV cache grows with it)
     every: int = 0  # stages: held-out evaluation every N steps (0 = at the end only)
 
 
@@ -259,32 +263,42 @@ def build_config(data: dict) -> Config:
     return cfg
 
 
+PIPELINE_ONLY = ("kind", "name", "stages", "quick", "run_dir")
+
+
 def load_config(path: str, overrides: list | None = None, quick: bool = False) -> Config:
-    """Read a YAML config, apply `--quick` (its `quick:` block) and `--set` overrides, and validate."""
+    """Read a YAML config, apply `--quick` (its `quick:` block) and `--set` overrides, and validate.
+
+    For a pipeline, every stage is resolved here into a full dict: the pipeline's own keys as shared
+    defaults, then the stage's keys, then `quick` and `--set` again, so `--set variant=structured`
+    reaches every stage even where a stage sets its variant.
+    """
     data = read_yaml(path)
-    if quick:
-        data = deep_merge(data, data.get("quick") or {})
-    cfg = build_config(deep_merge(data, parse_overrides(overrides)))
+    late = deep_merge((data.get("quick") or {}) if quick else {}, parse_overrides(overrides))
+    cfg = build_config(deep_merge(data, late))
+    if cfg.kind == "pipeline":
+        shared = _explicit({k: v for k, v in to_dict(cfg).items() if k not in PIPELINE_ONLY}, to_dict(Config()))
+        late_stage = {k: v for k, v in late.items() if k not in PIPELINE_ONLY}
+        resolved = []
+        for i, entry in enumerate(cfg.stages):
+            raw = read_yaml(entry) if isinstance(entry, str) else entry
+            if not isinstance(raw, dict):
+                raise ConfigError(f"stages[{i}]: expected a stage file name or a mapping, got {entry!r}")
+            resolved.append(deep_merge(deep_merge(shared, raw), late_stage))
+        cfg.stages = resolved
     for stage in pipeline_stages(cfg):
         check_files(stage)
     return cfg
 
 
 def pipeline_stages(cfg: Config) -> list[Config]:
-    """The stages a config runs: itself, or for a pipeline each listed stage with the pipeline's own keys
-    as shared defaults (the stage's keys win, then the pipeline's `quick` block and overrides apply again
-    so `--set variant=structured` reaches every stage). Stage run_dirs are <run_dir>/<stage name>."""
+    """The stages a config runs: itself, or each stage of a pipeline (resolved by load_config) with its
+    run_dir set to <run_dir>/<stage name>."""
     if cfg.kind != "pipeline":
         return [cfg]
-    shared = {k: v for k, v in to_dict(cfg).items() if k not in ("kind", "name", "stages", "quick", "run_dir")}
-    defaults = to_dict(Config())
-    shared = _explicit(shared, defaults)
     out = []
-    for i, entry in enumerate(cfg.stages):
-        raw = read_yaml(entry) if isinstance(entry, str) else entry
-        if not isinstance(raw, dict):
-            raise ConfigError(f"stages[{i}]: expected a stage file name or a mapping, got {entry!r}")
-        data = deep_merge(shared, raw)
+    for i, raw in enumerate(cfg.stages):
+        data = dict(raw)
         data.setdefault("name", f"stage{i}")
         data["run_dir"] = os.path.join(cfg.run_dir, data["name"])
         try:

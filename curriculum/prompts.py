@@ -26,7 +26,8 @@ Problem: {question}"""
 DEMO_INSTRUCTION = "{question}\nuse paths."
 DEMO_PLAIN_INSTRUCTION = "{question}\nstep by step."
 
-STYLES = {"parallel": PARALLEL_INSTRUCTION, "plain": PLAIN_INSTRUCTION, "none": "{question}"}
+STYLES = {"parallel": PARALLEL_INSTRUCTION, "plain": PLAIN_INSTRUCTION, "none": "{question}",
+          "demo": DEMO_INSTRUCTION, "demo_plain": DEMO_PLAIN_INSTRUCTION}
 TEMPLATES = ("chat", "raw")
 
 

@@ -28,33 +28,43 @@ DEMO_WORDS = tuple(sorted(set(NAMES) | set(NAMES.values()) | set(OBJECTS) | set(
                           | set(_FRAME_WORDS)))
 
 
-def _draw_ops(rng: random.Random, start: int, n_ops: int, difficulty: str) -> list[list]:
-    """Operations as ["+", k] / ["-", k]; a loss never exceeds the current count."""
-    if difficulty == "easy":
-        signs = rng.sample(["+", "-"], 2)  # one gain and one loss, in either order
-    else:
-        signs = [rng.choice("+-") for _ in range(n_ops)]
-    ops, value = [], start
-    for sign in signs:
-        if sign == "-" and value < 1:
-            sign = "+"
-        hi = AMOUNT[1] if sign == "+" else min(AMOUNT[1], value)
-        amount = rng.randint(AMOUNT[0], hi)
-        value += amount if sign == "+" else -amount
-        ops.append([sign, amount])
-    return ops
+def _signs(rng: random.Random, n_ops: int) -> list[str]:
+    """Gains and losses in random order, at most two of each: easy problems show every mix of two
+    (totals of 0, 1 or 2 numbers in the regrouped path), and a hard problem's totals are again lists of
+    at most two numbers, so its regrouped solution is made of pieces the cold start taught."""
+    if n_ops <= 2:
+        return [rng.choice("+-") for _ in range(n_ops)]
+    signs = ["+", "-"] + [rng.choice("+-")] if n_ops == 3 else ["+", "+", "-", "-"]
+    rng.shuffle(signs)
+    return signs
 
 
-def _question(rng: random.Random, name: str, obj: str, start: int, ops: list[list]) -> str:
-    """ "tom has 14 cards. he finds 9, gives away 5. how many cards now?" (short: every space is a token)"""
+def _draw_ops(rng: random.Random, start: int, n_ops: int, obj: str) -> list[list]:
+    """Operations as [sign, amount, verb]; a loss never exceeds the current count (the order of the signs
+    is redrawn until the count stays above zero before every loss)."""
     losses = LOSS_VERBS + (("eats",) if obj in EDIBLE else ())
-    changes = ", ".join(f"{rng.choice(GAIN_VERBS if sign == '+' else losses)} {k}" for sign, k in ops)
+    while True:
+        ops, value = [], start
+        for sign in _signs(rng, n_ops):
+            if sign == "-" and value < 1:
+                break
+            hi = AMOUNT[1] if sign == "+" else min(AMOUNT[1], value)
+            amount = rng.randint(AMOUNT[0], hi)
+            value += amount if sign == "+" else -amount
+            ops.append([sign, amount, rng.choice(GAIN_VERBS if sign == "+" else losses)])
+        if len(ops) == n_ops:
+            return ops
+
+
+def _question(name: str, obj: str, start: int, ops: list[list]) -> str:
+    """ "tom has 14 cards. he finds 9, gives away 5. how many cards now?" (short: every space is a token)"""
+    changes = ", ".join(f"{verb} {k}" for _, k, verb in ops)
     return f"{name} has {start} {obj}. {NAMES[name]} {changes}. how many {obj} now?"
 
 
 def problem_answer(start: int, ops: list[list]) -> int:
     """The count after applying `ops` to `start`."""
-    return start + sum(k if sign == "+" else -k for sign, k in ops)
+    return start + sum(k if sign == "+" else -k for sign, k, *_ in ops)
 
 
 def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str | None = None) -> list[Example]:
@@ -76,9 +86,9 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
             break
         name, obj = rng.choice(sorted(NAMES)), rng.choice(OBJECTS)
         start = rng.randint(*START)
-        ops = _draw_ops(rng, start, rng.choice(DIFFICULTIES[difficulty]), difficulty)
+        ops = _draw_ops(rng, start, rng.choice(DIFFICULTIES[difficulty]), obj)
         meta = {"difficulty": difficulty, "start": start, "ops": ops}
-        question = _question(rng, name, obj, start, ops)
+        question = _question(name, obj, start, ops)
         if question in seen or _signature(meta) in banned:
             continue
         seen.add(question)
@@ -94,13 +104,13 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
 
 
 def _signature(meta: dict) -> tuple:
-    return meta["start"], tuple(tuple(op) for op in meta["ops"])
+    return meta["start"], tuple((sign, k) for sign, k, *_ in meta["ops"])  # the numbers, not the verbs
 
 
 def _in_order(start: int, ops: list[list]) -> str:
     """ "12+5=17. 17-3=14." : the operations one by one."""
     steps, value = [], start
-    for sign, k in ops:
+    for sign, k, _ in ops:
         new = value + k if sign == "+" else value - k
         steps.append(f"{value}{sign}{k}={new}.")
         value = new
@@ -117,8 +127,8 @@ def _total(amounts: list[int]) -> str:
 def _regrouped(start: int, ops: list[list]) -> str:
     """Total in, total out, the net change, then the start plus or minus the net; every number
     stays non-negative because the net is taken as larger minus smaller."""
-    gains = [k for sign, k in ops if sign == "+"]
-    losses = [k for sign, k in ops if sign == "-"]
+    gains = [k for sign, k, *_ in ops if sign == "+"]
+    losses = [k for sign, k, *_ in ops if sign == "-"]
     total_in, total_out = sum(gains), sum(losses)
     net = abs(total_in - total_out)
     steps = [f"in {_total(gains)}.", f"out {_total(losses)}."]

@@ -1,0 +1,157 @@
+"""Stage 0: cold-start SFT on parallel-format solutions (loss on response tokens only).
+
+Same machinery as GRPO: the chunked log-prob head, rank-aligned micro-batches to a token budget, the
+loss normalised by the step's global token count, checkpoints and metrics.jsonl. The structured
+variant trains with the structure's positions and path-window mask (the patched model builds them
+from the ids; prompts are plain text via `response_start`). Each epoch (or every `sft.eval_every`
+steps): the validation loss, and the share of sampled validation responses that are well formed.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from grpo import checkpoint as ckpt
+from grpo.batching import TrainBatch, aligned_micro_batches, pack_rows
+from grpo.fsdp import Dist, all_reduce, clip_grad_norm, gathered_for_sampling
+from grpo.logprobs import token_logprobs
+from grpo.loss import aggregate
+from grpo.optim import build_optimizer
+from grpo.runlog import append_metrics, plot_metrics, truncate_metrics
+from grpo.trainer import StopRequested, TrainState, _StopFlag
+from model.patch import structured_tags
+from model.tokenizer import decode_responses, newline_id, stop_token_ids
+from rewards import parallel_stats
+from rollout import Sampler
+
+from .data import PromptStream
+from .prompts import encode_prompt, encode_sft_example, format_prompt
+
+PLOTS = {"loss": ["loss", "val_loss"], "format": ["format_validity", "parallel_ratio"]}
+
+
+def encode_examples(tokenizer, examples, cfg) -> list[tuple[list, list, list]]:
+    """(prompt ids, solution ids + EOS, loss mask) per example with a solution."""
+    out = []
+    for ex in examples:
+        if not ex.solution:
+            raise ValueError(f"example {ex.id}: SFT needs a solution (the `solution` field) for every row")
+        text = format_prompt(ex.question, cfg.data.prompt_style)
+        ids, mask = encode_sft_example(tokenizer, text, ex.solution, cfg.data.template, cfg.data.max_prompt_tokens,
+                                       cfg.sft.max_total_tokens)
+        n_prompt = mask.index(1) if 1 in mask else len(mask)
+        out.append((ids[:n_prompt], ids[n_prompt:], mask[n_prompt:]))
+    return out
+
+
+def sft_batch(rows, pad_id: int) -> TrainBatch:
+    return pack_rows([r[0] for r in rows], [r[1] for r in rows], pad_id, loss_masks=[r[2] for r in rows])
+
+
+def _nll(model, mb: TrainBatch, d: Dist, chunk: int):
+    """(B, T) log-probs of a micro-batch under the (possibly structured) model."""
+    kw = {"response_start": mb.response_start} if structured_tags(model) is not None else {}
+    return token_logprobs(model, mb.input_ids.to(d.device), mb.attention_mask.to(d.device), chunk_size=chunk, **kw)
+
+
+def sft_backward(model, batch: TrainBatch, cfg, d: Dist) -> float:
+    """Backward of the token-mean NLL over the batch on all ranks; returns the loss."""
+    num_tokens = all_reduce(batch.loss_mask.sum().float().to(d.device)).item()
+    total = 0.0
+    for idx, weight in aligned_micro_batches(batch, cfg.sft.micro_batch_tokens, d.device):
+        mb = batch.select(idx)
+        logp = _nll(model, mb, d, cfg.grpo.logprob_chunk)
+        loss = aggregate(-logp, mb.loss_mask.to(logp.device), "token-mean", num_tokens=num_tokens)
+        (loss * weight * d.world).backward()  # FSDP averages over ranks; the loss is a global mean already
+        total += float(loss.detach()) * weight
+    return float(all_reduce(torch.tensor(total, device=d.device)).item())
+
+
+def validation_loss(model, rows, cfg, d: Dist) -> float:
+    if not rows:
+        return float("nan")
+    batch = sft_batch(rows, 0)
+    num_tokens = all_reduce(batch.loss_mask.sum().float().to(d.device)).item()
+    total = 0.0
+    with torch.no_grad():
+        for idx, weight in aligned_micro_batches(batch, cfg.sft.micro_batch_tokens, d.device):
+            mb = batch.select(idx)
+            logp = _nll(model, mb, d, cfg.grpo.logprob_chunk)
+            total += float(aggregate(-logp, mb.loss_mask.to(logp.device), "token-mean", num_tokens=num_tokens)) * weight
+    return float(all_reduce(torch.tensor(total, device=d.device)).item())
+
+
+def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int) -> dict:
+    """Sample one response per validation prompt: shares that are well formed / hold a valid block."""
+    if not examples:
+        return {}
+    prompts = [encode_prompt(tokenizer, format_prompt(ex.question, cfg.data.prompt_style), cfg.data.template,
+                             cfg.data.max_prompt_tokens)[0] for ex in examples]
+    ro = cfg.rollout
+    sampler = Sampler(model, tags=tags, pad_id=tokenizer.pad_token_id, num_paths=ro.num_paths,
+                      newline_id=newline_id(tokenizer),
+                      max_parallel_blocks=ro.max_parallel_blocks, max_path_tokens=ro.max_path_tokens)
+    model.eval()
+    with torch.no_grad(), gathered_for_sampling(model):
+        r = sampler.generate(prompts, n=1, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                             stop_ids=stop_token_ids(tokenizer), structured=structured_tags(model) is not None, seed=seed)
+    model.train()
+    stats = [parallel_stats(t) for t in decode_responses(tokenizer, r.response_ids, r.response_mask)]
+    local = torch.tensor([len(stats), sum(s.well_formed for s in stats),
+                          sum(s.num_blocks > 0 for s in stats)], dtype=torch.float64, device=d.device)
+    n, wf, par = all_reduce(local).tolist()
+    return {"format_validity": wf / n, "parallel_ratio": par / n}
+
+
+def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist) -> TrainState:
+    """Run the SFT stage; returns the final loop state (checkpoints under run_dir/checkpoints)."""
+    s = cfg.sft
+    if s.batch_size % d.world:
+        raise ValueError(f"sft.batch_size={s.batch_size} must be a multiple of the world size {d.world}")
+    rows = encode_examples(tokenizer, train, cfg)
+    val_rows = encode_examples(tokenizer, val, cfg)[d.rank::d.world]
+    steps = s.steps or max(1, math.ceil(s.epochs * len(rows) / s.batch_size))
+    steps_per_epoch = max(1, len(rows) // s.batch_size)
+    opt, sched = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
+                                 cfg.optim.warmup_steps, steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+    stream, state = PromptStream(list(range(len(rows))), seed=cfg.seed), TrainState()
+    if ckpt.resume(run_dir, cfg, model, opt, sched, state, stream, d) and d.main:
+        truncate_metrics(run_dir, state.step)
+    every = s.eval_every or steps_per_epoch
+    model.train()
+    bar = tqdm(range(state.step, steps), initial=state.step, total=steps, desc=cfg.name, disable=not d.main)
+    with _StopFlag() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = sft_batch([rows[i] for i in stream.next_batch(s.batch_size)[d.rank::d.world]], 0)
+            loss = sft_backward(model, batch, cfg, d)
+            grad_norm = float(clip_grad_norm(model, cfg.optim.grad_clip))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise FloatingPointError(f"SFT step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
+                                         "lower optim.lr. The last checkpoint is intact.")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            tokens = all_reduce(batch.attention_mask.sum().float().to(d.device)).item()
+            m = {"step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0],
+                 "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            state.step, state.feed = step + 1, stream.state_dict()
+            last = state.step == steps
+            if state.step % every == 0 or last:
+                m["val_loss"] = validation_loss(model, val_rows, cfg, d)
+                m.update(format_figures(model, tokenizer, tags, val[: s.eval_samples][d.rank::d.world], cfg, d,
+                                        seed=cfg.seed + step))
+            if d.main:
+                append_metrics(run_dir, m)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            stopping = stop.requested(d)
+            if stopping or last or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+                ckpt.save(run_dir, cfg, model, opt, sched, state, d, tokenizer)
+            if stopping and not last:
+                raise StopRequested(f"stopped at step {state.step}; checkpoint saved in {run_dir}/checkpoints")
+    if d.main:
+        plot_metrics(run_dir, PLOTS)
+    return state

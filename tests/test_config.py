@@ -1,0 +1,108 @@
+"""curriculum/config.py and run.py's front door: every config validates, typos and wrong types and missing
+files stop the run with one message naming the key, overrides go through the same checks."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from curriculum.config import (CONFIG_DIR, ConfigError, build_config, check_files, load_config, parse_overrides,
+                               pipeline_stages, read_yaml)
+
+ROOT = os.path.dirname(CONFIG_DIR)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))), ids=os.path.basename)
+def test_every_config_parses_and_validates(path, tmp_path):
+    cfg = build_config(read_yaml(path))
+    for stage in pipeline_stages(cfg) if cfg.kind != "pipeline" else []:
+        assert stage.name
+    if os.path.basename(path) == "pipeline.yaml":
+        (tmp_path / "train.jsonl").write_text("")
+        # the placeholders (model directory, data files) pointed at things that exist
+        cfg = load_config(path, ["model.path=" + ROOT, "data.train=" + str(tmp_path / "train.jsonl")])
+        names = [s.name for s in pipeline_stages(cfg)]
+        assert names == ["stage0_sft", "stage1", "stage2"]
+        stages = pipeline_stages(cfg)
+        assert [s.kind for s in stages] == ["sft", "grpo", "grpo"]
+        assert stages[2].grpo.clip_high == 0.28 and stages[2].reward.mode == "alternating"
+        assert all(s.run_dir.startswith(cfg.run_dir) for s in stages)
+
+
+def test_reference_hyper_parameters():
+    s2 = build_config(read_yaml("stage2.yaml"))
+    assert (s2.optim.lr, s2.grpo.prompts_per_step, s2.rollout.group_size, s2.grpo.mini_batch_prompts) == (1e-6, 256, 8, 128)
+    assert (s2.rollout.temperature, s2.data.max_prompt_tokens, s2.rollout.max_new_tokens) == (1.0, 2000, 3000)
+    assert (s2.grpo.kl_coef, s2.grpo.clip_low, s2.grpo.clip_high) == (0.0, 0.2, 0.28)
+    assert s2.init_from == "stage1" and build_config(read_yaml("stage1.yaml")).init_from == "stage0_sft"
+
+
+def test_typo_wrong_type_and_bad_choice_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'grpo.clip_hihg' \(did you mean 'grpo.clip_high'\?\)"):
+        build_config({"grpo": {"clip_hihg": 0.3}})
+    with pytest.raises(ConfigError, match=r"rollout.group_size: expected int"):
+        build_config({"rollout": {"group_size": "eight"}})
+    with pytest.raises(ConfigError, match=r"variant: 'unseen' is not allowed; choose one of \['causal', 'structured'\]"):
+        build_config({"variant": "unseen"})
+    with pytest.raises(ConfigError, match="expected a section"):
+        build_config({"grpo": 3})
+    assert build_config({"optim": {"lr": "1e-6"}}).optim.lr == 1e-6  # YAML reads 1e-6 as a string
+    assert build_config({"data": {"val_size": 0.1}}).data.val_size == 0.1
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    assert parse_overrides(["grpo.clip_high=0.28", "variant=structured"]) == {
+        "grpo": {"clip_high": 0.28}, "variant": "structured"}
+    (tmp_path / "c.yaml").write_text("kind: grpo\nmodel: {build: {hidden_size: 8}}\ndata: {synthetic: {n: 1}}\n")
+    cfg = load_config(str(tmp_path / "c.yaml"), ["grpo.clip_high=0.28"])
+    assert cfg.grpo.clip_high == 0.28
+    with pytest.raises(ConfigError, match="unknown config key 'grpo.clip'"):
+        load_config(str(tmp_path / "c.yaml"), ["grpo.clip=0.28"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["grpo.clip_high"])
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.path: directory 'models/Qwen3-4B-Base' does not exist"):
+        load_config("stage0_sft.yaml")
+    cfg = build_config({"model": {"path": ROOT}, "data": {"train": str(tmp_path / "nope.jsonl")}})
+    with pytest.raises(ConfigError, match=r"data.train: file .*nope.jsonl' does not exist"):
+        check_files(cfg)
+    with pytest.raises(ConfigError, match="no model given"):
+        check_files(build_config({"data": {"synthetic": {"n": 1}}}))
+
+
+def test_pipeline_overrides_reach_every_stage(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "kind: pipeline\nrun_dir: R\nvariant: causal\nmodel: {build: {hidden_size: 8}}\n"
+        "quick: {grpo: {steps: 2}}\n"
+        "stages:\n  - {name: a, kind: sft, data: {synthetic: {n: 1}}}\n"
+        "  - {name: b, kind: grpo, init_from: a, variant: causal, grpo: {steps: 50}, data: {synthetic: {n: 1}}}\n")
+    stages = pipeline_stages(load_config(str(tmp_path / "p.yaml"), ["variant=structured"], quick=True))
+    assert [s.variant for s in stages] == ["structured", "structured"]  # --set wins over the stage's own key
+    assert stages[1].grpo.steps == 2 and stages[1].run_dir == os.path.join("R", "b")
+    assert stages[0].model.build == {"hidden_size": 8}  # shared keys reach the stages
+    (tmp_path / "bad.yaml").write_text("kind: pipeline\nstages: [{name: a, grpo: {clip_hihg: 1}}]\n")
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(a\): unknown config key 'grpo.clip_hihg'"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def run_py(*args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_run_py_stops_before_any_work_with_one_message():
+    r = run_py("--config", "stage2.yaml", "--set", "grpo.clip_hihg=0.3")
+    assert r.returncode == 2
+    assert "unknown config key 'grpo.clip_hihg' (did you mean 'grpo.clip_high'?)" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_py("--config", "no_such_config.yaml")
+    assert r.returncode == 2 and "no_such_config.yaml" in r.stderr
+
+
+def test_run_py_dry_run_prints_the_resolved_config():
+    r = run_py("--config", "demo", "--dry-run", "--set", "variant=structured")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("variant: structured") == 3 and "# --- stage2 (grpo, structured)" in r.stdout
