@@ -25,7 +25,7 @@ from grpo.trainer import StopRequested, TrainState, _StopFlag
 from model.patch import structured_tags
 from model.tokenizer import decode_responses, newline_id, stop_token_ids
 from rewards import parallel_stats
-from rollout import Sampler
+from rollout import Sampler, sampler_layout
 
 from .data import PromptStream
 from .prompts import encode_prompt, encode_sft_example, format_prompt
@@ -34,13 +34,15 @@ PLOTS = {"loss": ["loss", "val_loss"], "format": ["format_validity", "parallel_r
 
 
 def encode_examples(tokenizer, examples, cfg) -> list[tuple[list, list, list]]:
-    """(prompt ids, solution ids + EOS, loss mask) per example with a solution."""
+    """(prompt ids, solution ids + EOS, loss mask) per example with a solution. Structured variant: the
+    solutions' blocks in the layout the structured sampler forces (rollout.sampler_layout)."""
     out = []
     for ex in examples:
         if not ex.solution:
             raise ValueError(f"example {ex.id}: SFT needs a solution (the `solution` field) for every row")
         text = format_prompt(ex.question, cfg.data.prompt_style)
-        ids, mask = encode_sft_example(tokenizer, text, ex.solution, cfg.data.template, cfg.data.max_prompt_tokens,
+        solution = sampler_layout(ex.solution) if cfg.variant == "structured" else ex.solution
+        ids, mask = encode_sft_example(tokenizer, text, solution, cfg.data.template, cfg.data.max_prompt_tokens,
                                        cfg.sft.max_total_tokens)
         n_prompt = mask.index(1) if 1 in mask else len(mask)
         out.append((ids[:n_prompt], ids[n_prompt:], mask[n_prompt:]))

@@ -65,9 +65,10 @@ def plot_pipeline(cfg: Config) -> list[str]:
         for key in keys:
             if curves.get(key):
                 ax.plot(*zip(*curves[key]), label=key, lw=1.2, marker="." if len(curves[key]) < 30 else None)
-        for x, stage in curves["_bounds"][:-1]:
+        bounds = curves["_bounds"]
+        for (x, _), (_, stage) in zip(bounds[:-1], bounds[1:]):  # a dashed line where each later stage starts
             ax.axvline(x - 0.5, color="grey", lw=0.8, ls="--")
-            ax.text(x, ax.get_ylim()[1], f" {stage} |", fontsize=7, va="top", ha="right", color="grey")
+            ax.text(x, ax.get_ylim()[1], f" {stage}", fontsize=7, va="top", ha="left", color="grey")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step (all stages)")
         ax.grid(alpha=0.3)

@@ -10,7 +10,26 @@ Tags the structure calls malformed (model/structure.py) turn the rest of the res
 """
 from __future__ import annotations
 
+import re
+
 from .rows import Block, Row
+
+# What structured sampling writes between the tags: `<Path>` forced right after `<Parallel>` and right
+# after the previous `</Path>`, `</Parallel>` right after the last `</Path>`, then newline `<Summary>`.
+_LAYOUT = ((re.compile(r"<Parallel>\s*<Path>"), "<Parallel><Path>"),
+           (re.compile(r"</Path>\s*<Path>"), "</Path><Path>"),
+           (re.compile(r"</Path>\s*</Parallel>\s*<Summary>"), "</Path></Parallel>\n<Summary>"),
+           (re.compile(r"</Path>\s*</Parallel>"), "</Path></Parallel>"))
+
+
+def sampler_layout(text: str) -> str:
+    """`text` with the whitespace between block tags as structured sampling produces it, so that a
+    model fine-tuned on it (structured SFT) sees in training exactly the token sequences that the
+    sampler forces: `<Parallel>\\n<Path>` in a solution would otherwise teach a newline the sampler
+    never lets the model write, and the forced `<Parallel><Path>` would be out of distribution."""
+    for pattern, replacement in _LAYOUT:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def main_tag(run, row: Row, tok: int) -> None:

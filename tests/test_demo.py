@@ -22,7 +22,7 @@ def run_demo(tmp_path, *extra, timeout=300):
 
 
 @pytest.mark.parametrize("variant", ["causal", "structured"])
-def test_quick_demo_writes_the_table_and_plots(tmp_path, variant):
+def test_quick_demo_writes_the_table_and_plots_and_reproduces(tmp_path, variant):
     r, summary = run_demo(tmp_path, "--quick", "--set", f"variant={variant}")
     assert summary["variant"] == variant and summary["seed"] == 0
     for stage in ("stage0", "stage1", "stage2"):
@@ -30,6 +30,10 @@ def test_quick_demo_writes_the_table_and_plots(tmp_path, variant):
     for name in PLOTS:
         assert (tmp_path / "demo" / name).stat().st_size > 1000
     assert "| stage2 |" in r.stdout and f"run directory: {tmp_path / 'demo'}" in r.stdout
+    os.rename(tmp_path / "demo", tmp_path / "first")  # same seed, same table
+    _, again = run_demo(tmp_path, "--quick", "--set", f"variant={variant}")
+    for stage in ("stage0", "stage1", "stage2"):
+        assert {k: again[stage][k] for k in KEYS[:-1]} == {k: summary[stage][k] for k in KEYS[:-1]}
 
 
 @pytest.mark.slow

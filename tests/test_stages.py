@@ -77,6 +77,37 @@ def test_structured_sft_batch_uses_the_structure():
     assert s.position_ids[0, batch.response_start:].tolist() != list(range(batch.response_start, batch.input_ids.shape[1]))
 
 
+def forced_layout_holds(ids, tags, nl) -> bool:
+    """The structured sampler's forcing rules on a token sequence: <Parallel> <Path>, </Path> then <Path> or
+    </Parallel>, </Parallel> newline <Summary>."""
+    nxt = dict(zip(range(len(ids) - 1), ids[1:]))
+    return all(
+        (t != tags.parallel_open or nxt.get(k) == tags.path_open)
+        and (t != tags.path_close or nxt.get(k) in (tags.path_open, tags.parallel_close))
+        and (t != tags.parallel_close or ids[k + 1:k + 3] == [nl, tags.summary_open])
+        for k, t in enumerate(ids))
+
+
+@pytest.mark.parametrize("source", ["synthetic", "parallel_gsm8k"])
+def test_structured_sft_data_is_laid_out_as_the_sampler_forces_it(source, qwen_tok):
+    """Structured SFT trains on the token sequences structured sampling produces (no newline between
+    <Parallel> and <Path>, ...); the causal variant keeps the solutions as written."""
+    if source == "synthetic":
+        tok, rows, style = build_word_tokenizer(DEMO_WORDS), make_problems(16, "easy", 0, solution="parallel"), "demo"
+    else:
+        tok, rows, style = qwen_tok, load_examples(data_file("parallel_gsm8k.jsonl"), limit=40), "parallel"
+    tags, nl = add_tag_tokens(tok), tok.encode("\n", add_special_tokens=False)[0]
+    layouts = {}
+    for variant in ("causal", "structured"):
+        cfg = build_config({"variant": variant, "data": {"prompt_style": style, "template": "raw"},
+                            "sft": {"max_total_tokens": 4096}})
+        layouts[variant] = [solution for _, solution, _ in encode_examples(tok, rows, cfg)]
+    with_block = [ids for ids in layouts["structured"] if tags.parallel_open in ids]
+    assert len(with_block) >= 0.8 * len(rows)
+    assert all(forced_layout_holds(ids, tags, nl) for ids in with_block)
+    assert not all(forced_layout_holds(ids, tags, nl) for ids in layouts["causal"])  # written with newlines
+
+
 def pipeline_config(tmp_path) -> str:
     tiny = dict(TINY, max_position_embeddings=256)
     cfg = {"kind": "pipeline", "name": "mini", "run_dir": str(tmp_path / "pipe"), "seed": 3,
