@@ -21,7 +21,7 @@ from grpo.logprobs import token_logprobs
 from grpo.loss import aggregate
 from grpo.optim import build_optimizer
 from grpo.runlog import append_metrics, plot_metrics, truncate_metrics
-from grpo.trainer import StopRequested, TrainState, _StopFlag
+from grpo.trainer import TrainState, _StopFlag, save_or_stop
 from model.patch import structured_tags
 from model.tokenizer import decode_responses, newline_id, stop_token_ids
 from rewards import parallel_stats
@@ -149,11 +149,7 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist) ->
             if d.main:
                 append_metrics(run_dir, m)
                 bar.set_postfix(loss=f"{loss:.3f}")
-            stopping = stop.requested(d)
-            if stopping or last or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
-                ckpt.save(run_dir, cfg, model, opt, sched, state, d, tokenizer)
-            if stopping and not last:
-                raise StopRequested(f"stopped at step {state.step}; checkpoint saved in {run_dir}/checkpoints")
+            save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last)
     if d.main:
         plot_metrics(run_dir, PLOTS)
     return state

@@ -80,14 +80,20 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
             if d.main:
                 append_metrics(run_dir, metrics)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}")
-            last, stopping = state.step == g.steps, stop.requested(d)
-            if stopping or last or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
-                ckpt.save(run_dir, cfg, model, opt, sched, state, d, tokenizer)
-            if stopping and not last:
-                raise StopRequested(f"stopped at step {state.step}; checkpoint saved in {run_dir}/checkpoints")
+            save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last=state.step == g.steps)
     if d.main:
         plot_metrics(run_dir, PLOTS)
     return state
+
+
+def save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last: bool) -> None:
+    """End of a step (GRPO and SFT alike): a checkpoint when one is due, at the last step, or when Ctrl-C /
+    SIGTERM asked to stop (all ranks decide together); then StopRequested if asked before the last step."""
+    stopping = stop.requested(d)
+    if stopping or last or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+        ckpt.save(run_dir, cfg, model, opt, sched, state, d, tokenizer)
+    if stopping and not last:
+        raise StopRequested(f"stopped at step {state.step}; checkpoint saved in {run_dir}/checkpoints")
 
 
 def grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sched, tokenizer, cfg, d, state) -> dict:
