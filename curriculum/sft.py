@@ -21,11 +21,11 @@ from grpo.logprobs import token_logprobs
 from grpo.loss import aggregate
 from grpo.optim import build_optimizer
 from grpo.runlog import append_metrics, plot_metrics, truncate_metrics
-from grpo.trainer import TrainState, _StopFlag, save_or_stop
+from grpo.trainer import TrainState, _StopFlag, make_sampler, save_or_stop
 from model.patch import structured_tags
-from model.tokenizer import decode_responses, newline_id, stop_token_ids
+from model.tokenizer import decode_responses, stop_token_ids
 from rewards import parallel_stats
-from rollout import Sampler, sampler_layout
+from rollout import sampler_layout
 
 from .data import PromptStream
 from .prompts import encode_prompt, encode_sft_example, format_prompt
@@ -86,16 +86,14 @@ def validation_loss(model, rows, cfg, d: Dist) -> float:
     return float(all_reduce(torch.tensor(total, device=d.device)).item())
 
 
-def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int) -> dict:
+def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int, compute_dtype=None) -> dict:
     """Sample one response per validation prompt: shares that are well formed / hold a valid block."""
     if not examples:
         return {}
     prompts = [encode_prompt(tokenizer, format_prompt(ex.question, cfg.data.prompt_style), cfg.data.template,
                              cfg.data.max_prompt_tokens)[0] for ex in examples]
     ro = cfg.rollout
-    sampler = Sampler(model, tags=tags, pad_id=tokenizer.pad_token_id, num_paths=ro.num_paths,
-                      newline_id=newline_id(tokenizer),
-                      max_parallel_blocks=ro.max_parallel_blocks, max_path_tokens=ro.max_path_tokens)
+    sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     model.eval()
     with torch.no_grad(), gathered_for_sampling(model):
         r = sampler.generate(prompts, n=1, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
@@ -108,8 +106,9 @@ def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int) ->
     return {"format_validity": wf / n, "parallel_ratio": par / n}
 
 
-def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist) -> TrainState:
-    """Run the SFT stage; returns the final loop state (checkpoints under run_dir/checkpoints)."""
+def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, compute_dtype=None) -> TrainState:
+    """Run the SFT stage; returns the final loop state (checkpoints under run_dir/checkpoints).
+    `compute_dtype`: the model's compute dtype (the format check's KV cache; see grpo.trainer.make_sampler)."""
     s = cfg.sft
     if s.batch_size % d.world:
         raise ValueError(f"sft.batch_size={s.batch_size} must be a multiple of the world size {d.world}")
@@ -145,7 +144,7 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist) ->
             if state.step % every == 0 or last:
                 m["val_loss"] = validation_loss(model, val_rows, cfg, d)
                 m.update(format_figures(model, tokenizer, tags, val[: s.eval_samples][d.rank::d.world], cfg, d,
-                                        seed=cfg.seed + step))
+                                        seed=cfg.seed + step, compute_dtype=compute_dtype))
             if d.main:
                 append_metrics(run_dir, m)
                 bar.set_postfix(loss=f"{loss:.3f}")

@@ -164,7 +164,7 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None) -> tuple[str, d
     train, val = load_train_data(cfg, heldout)
     if cfg.kind == "sft":
         from .sft import train_sft
-        train_sft(cfg, model, tokenizer, tags, train, val, cfg.run_dir, d)
+        train_sft(cfg, model, tokenizer, tags, train, val, cfg.run_dir, d, compute_dtype=compute)
     else:
         ref = None
         if cfg.grpo.kl_coef > 0:

@@ -46,6 +46,14 @@ class StopRequested(Exception):
     """Ctrl-C / SIGTERM: the run saved a checkpoint and stops."""
 
 
+def make_sampler(model, tokenizer, tags, ro, compute_dtype=None) -> Sampler:
+    """The sampler of a stage, from its `rollout` config. `compute_dtype` is the KV cache's dtype: under FSDP
+    mixed precision the (fp32) sharded parameters do not tell it."""
+    return Sampler(model, tags=tags, pad_id=tokenizer.pad_token_id, newline_id=newline_id(tokenizer),
+                   num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks,
+                   max_path_tokens=ro.max_path_tokens, prefill_rows=ro.prefill_rows, dtype=compute_dtype)
+
+
 def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_model=None,
                compute_dtype=torch.float32, reward_fn=None) -> TrainState:
     """Run cfg.grpo.steps GRPO steps. `feed.next_batch(P)` yields items with `.prompt_ids` and `.answer`;
@@ -61,13 +69,11 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     resumed = ckpt.resume(run_dir, cfg, model, opt, sched, state, feed, d)
     if resumed:
         truncate_metrics(run_dir, state.step) if d.main else None
-    sampler = Sampler(model, tags=tags, pad_id=tokenizer.pad_token_id, newline_id=newline_id(tokenizer),
-                      num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks,
-                      max_path_tokens=ro.max_path_tokens, prefill_rows=ro.prefill_rows, dtype=compute_dtype)
+    sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     r = cfg.reward
     reward_fn = reward_fn or RewardFn(mode=r.mode, window=r.window, accuracy_steps=r.accuracy_steps, scaffold_until=r.scaffold_until,
                          correct=r.correct, wrong=r.wrong, correct_parallel=r.correct_parallel, bonus=r.bonus,
-                         format_penalty=r.format_penalty)
+                         format_penalty=r.format_penalty, timeout=r.timeout / 2)  # the check gets half the pool's limit
     stop = _StopFlag()
     bar = tqdm(range(state.step, g.steps), initial=state.step, total=g.steps, desc=cfg.name, disable=not d.main)
     with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop:
