@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from dataclasses import replace
 
 from .data import Example, write_jsonl  # write_jsonl is re-exported: the demo writes its sets with it
@@ -17,9 +18,16 @@ EDIBLE = ("apples", "eggs", "cookies")
 GAIN_VERBS = ("buys", "finds", "gets")
 LOSS_VERBS = ("gives away", "loses", "sells")  # + "eats" for EDIBLE objects
 DIFFICULTIES = {"easy": (2,), "hard": (3, 4)}  # difficulty -> allowed numbers of operations
+# difficulty -> (fewest, most) distractor clauses: a change to another object ("buys 3 pens"), which leaves
+# the asked count alone; at most MAX_CLAUSES clauses in all. Easy questions have 2 to 4 clauses, so the
+# cold start teaches one step per clause rather than "two steps, then stop" (trained on exactly two
+# clauses, the model never wrote a third step on a hard problem). Hard questions have distractors too, so
+# that GRPO on them cannot unlearn skipping distractors.
+DISTRACTORS = {"easy": (0, 2), "hard": (0, 1)}
+MAX_CLAUSES = 4
 START, AMOUNT = (2, 20), (1, 9)  # ranges of the starting count and of each change
 
-_TASK_WORDS = ("has how many now in out both paths give eats".split()
+_TASK_WORDS = ("has how many now in out path one two eats".split()
                + [w for v in GAIN_VERBS + LOSS_VERBS for w in v.split()])
 # the answer line, the chat template's roles, and whatever words the demo instructions use
 _FRAME_WORDS = ["Final", "Answer", "system", "user", "assistant"] + re.findall(
@@ -56,20 +64,32 @@ def _draw_ops(rng: random.Random, start: int, n_ops: int, obj: str) -> list[list
             return ops
 
 
+def _add_distractors(rng: random.Random, ops: list[list], obj: str, n: int) -> list[list]:
+    """Inserts `n` clauses ["0", amount, verb, other object] at random places among the operations."""
+    for _ in range(n):
+        other = rng.choice([o for o in OBJECTS if o != obj])
+        sign = rng.choice("+-")
+        verb = rng.choice(GAIN_VERBS if sign == "+" else LOSS_VERBS + (("eats",) if other in EDIBLE else ()))
+        ops.insert(rng.randint(0, len(ops)), ["0", rng.randint(*AMOUNT), verb, other])
+    return ops
+
+
 def _question(name: str, obj: str, start: int, ops: list[list]) -> str:
-    """ "tom has 14 cards. he finds 9, gives away 5. how many cards now?" (short: every space is a token)"""
-    changes = ", ".join(f"{verb} {k}" for _, k, verb in ops)
+    """ "tom has 14 cards. he finds 9, buys 3 pens, gives away 5. how many cards now?" (short: every
+    space is a token; only a distractor names its object)"""
+    changes = ", ".join(" ".join([verb, str(k), *other]) for _, k, verb, *other in ops)
     return f"{name} has {start} {obj}. {NAMES[name]} {changes}. how many {obj} now?"
 
 
 def problem_answer(start: int, ops: list[list]) -> int:
-    """The count after applying `ops` to `start`."""
-    return start + sum(k if sign == "+" else -k for sign, k, *_ in ops)
+    """The count after applying `ops` to `start` (distractors, sign "0", change nothing)."""
+    return start + sum({"+": k, "-": -k}.get(sign, 0) for sign, k, *_ in ops)
 
 
 def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str | None = None) -> list[Example]:
     """`n` distinct problems, deterministic in (difficulty, seed); different seeds give mostly
-    different problems. meta = {"difficulty", "start", "ops"}.
+    different problems. meta = {"difficulty", "start", "ops"}: ops lists the question's clauses in order,
+    [sign, amount, verb] for an operation ("+" or "-") and ["0", amount, verb, object] for a distractor.
 
     exclude: examples (e.g. a held-out test set) whose numbers (start and ops) must not recur here.
     solution: None, "parallel" or "plain" fills `Example.solution` with that target.
@@ -87,6 +107,9 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
         name, obj = rng.choice(sorted(NAMES)), rng.choice(OBJECTS)
         start = rng.randint(*START)
         ops = _draw_ops(rng, start, rng.choice(DIFFICULTIES[difficulty]), obj)
+        fewest, most = DISTRACTORS[difficulty]
+        if most:
+            ops = _add_distractors(rng, ops, obj, min(rng.randint(fewest, most), MAX_CLAUSES - len(ops)))
         meta = {"difficulty": difficulty, "start": start, "ops": ops}
         question = _question(name, obj, start, ops)
         if question in seen or _signature(meta) in banned:
@@ -108,9 +131,12 @@ def _signature(meta: dict) -> tuple:
 
 
 def _in_order(start: int, ops: list[list]) -> str:
-    """ "12+5=17. 17-3=14." : the operations one by one."""
+    """ "12+5=17. 17+0=17. 17-3=14." : one step per clause; a distractor adds 0."""
     steps, value = [], start
-    for sign, k, _ in ops:
+    for sign, k, *_ in ops:
+        if sign == "0":
+            steps.append(f"{value}+0={value}.")
+            continue
         new = value + k if sign == "+" else value - k
         steps.append(f"{value}{sign}{k}={new}.")
         value = new
@@ -125,8 +151,8 @@ def _total(amounts: list[int]) -> str:
 
 
 def _regrouped(start: int, ops: list[list]) -> str:
-    """Total in, total out, the net change, then the start plus or minus the net; every number
-    stays non-negative because the net is taken as larger minus smaller."""
+    """Total in, total out (distractors left out), the net change, then the start plus or minus the net;
+    every number stays non-negative because the net is taken as larger minus smaller."""
     gains = [k for sign, k, *_ in ops if sign == "+"]
     losses = [k for sign, k, *_ in ops if sign == "-"]
     total_in, total_out = sum(gains), sum(losses)
@@ -141,10 +167,19 @@ def _regrouped(start: int, ops: list[list]) -> str:
 
 def parallel_solution(example: Example) -> str:
     """Cold-start target: two independent paths (in order; regrouped), the summary, the answer.
-    The demo's SFT set uses easy problems only; the format holds for any number of operations."""
+
+    The summary cites one path, "path one" or "path two" (half the problems each, fixed per question),
+    and copies that path's last equation. On easy problems both paths agree, so the choice is a coin flip
+    the cold start cannot learn to make; on hard problems the in-order path (one step per clause) is right
+    more often, so there the choice matters and GRPO could learn it (the demo's 60 steps do not). The
+    in-order path comes first: written second, it copied the regrouped path's numbers. The demo's SFT set
+    uses easy problems only; the format holds for any number of operations."""
     start, ops, answer = example.meta["start"], example.meta["ops"], example.answer
-    return (f"<Parallel>\n<Path> {_in_order(start, ops)} </Path>\n<Path> {_regrouped(start, ops)} </Path>\n"
-            f"</Parallel>\n<Summary> both paths give {answer}. </Summary>\nFinal Answer: {answer}")
+    paths = [_in_order(start, ops), _regrouped(start, ops)]
+    cite = zlib.crc32(example.question.encode()) % 2  # 0: path one, 1: path two
+    last = paths[cite].rsplit(" ", 1)[-1]  # "23-5=18."
+    return (f"<Parallel>\n<Path> {paths[0]} </Path>\n<Path> {paths[1]} </Path>\n</Parallel>\n"
+            f"<Summary> path {('one', 'two')[cite]}: {last} </Summary>\nFinal Answer: {answer}")
 
 
 def plain_solution(example: Example) -> str:

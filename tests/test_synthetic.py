@@ -13,7 +13,7 @@ from model.tokenizer import build_word_tokenizer
 
 EQUATION = re.compile(r"(\d+(?:[+-]\d+)+)=(\d+)")
 PATHS = re.compile(r"^<Parallel>\n<Path> (.*) </Path>\n<Path> (.*) </Path>\n</Parallel>\n"
-                   r"<Summary> both paths give (\d+)\. </Summary>\nFinal Answer: (\d+)$")
+                   r"<Summary> path (one|two): (\S+) </Summary>\nFinal Answer: (\d+)$")
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,15 @@ def sets():
 
 
 def running_values(meta):
+    """The count after each clause (a distractor repeats the count)."""
     values = [meta["start"]]
-    for sign, k, _ in meta["ops"]:
-        values.append(values[-1] + (k if sign == "+" else -k))
+    for sign, k, *_ in meta["ops"]:
+        values.append(values[-1] + {"+": k, "-": -k, "0": 0}[sign])
     return values
+
+
+def operations(meta):
+    return [op for op in meta["ops"] if op[0] != "0"]
 
 
 def checked_equations(text):
@@ -51,9 +56,13 @@ def test_deterministic_per_seed(sets):
 
 
 def test_difficulty_sets_number_of_ops(sets):
-    assert {len(e.meta["ops"]) for e in sets["easy"]} == {2}
+    assert {len(operations(e.meta)) for e in sets["easy"]} == {2}
+    assert {len(operations(e.meta)) for e in sets["hard"]} == {3, 4}
+    # easy questions carry 0-2 distractors, hard ones 0-1: 2-4 clauses in easy questions, 3-4 in hard ones
+    assert {len(e.meta["ops"]) for e in sets["easy"]} == {2, 3, 4}
     assert {len(e.meta["ops"]) for e in sets["hard"]} == {3, 4}
-    mixes = {tuple(s for s, _, _ in e.meta["ops"]) for e in sets["easy"]}
+    assert {len(e.meta["ops"]) - len(operations(e.meta)) for e in sets["hard"]} == {0, 1}
+    mixes = {tuple(s for s, *_ in operations(e.meta)) for e in sets["easy"]}
     assert mixes == {("+", "+"), ("+", "-"), ("-", "+"), ("-", "-")}  # every mix of two gains and losses
     assert all(e.meta["difficulty"] == d for d, exs in sets.items() for e in exs)
 
@@ -63,7 +72,7 @@ def test_answers_recompute_and_stay_non_negative(sets):
         values = running_values(e.meta)
         assert e.answer == str(values[-1])
         assert min(values) >= 0
-        assert 2 <= e.meta["start"] <= 20 and all(1 <= k <= 9 for _, k, _ in e.meta["ops"])
+        assert 2 <= e.meta["start"] <= 20 and all(1 <= k <= 9 for _, k, *_ in e.meta["ops"])
         assert str(e.meta["start"]) in e.question and e.question.endswith("now?")
 
 
@@ -72,18 +81,40 @@ def test_both_paths_reach_the_answer(sets, difficulty):
     for e in sets[difficulty]:
         match = PATHS.match(parallel_solution(e))
         assert match, parallel_solution(e)
-        path1, path2, summary, final = match.groups()
+        path1, path2, cited, summary, final = match.groups()
         assert checked_equations(path1) == running_values(e.meta)[1:]  # in order, step by step
-        for _, k, verb in e.meta["ops"]:
-            assert f"{verb} {k}" in e.question
-        signs = [s for s, _, _ in e.meta["ops"]]
+        for _, k, verb, *other in e.meta["ops"]:
+            assert " ".join([verb, str(k), *other]) in e.question
+        signs = [s for s, *_ in operations(e.meta)]
         assert signs.count("+") <= 2 and signs.count("-") <= 2  # regrouped totals of at most two numbers
         assert checked_equations(path2)[-1] == int(e.answer)  # regrouped
         assert path2.startswith("in ") and " out " in path2
-        assert summary == final == e.answer
+        assert summary == (path1 if cited == "one" else path2).split()[-1]  # the cited path's last equation
+        assert checked_equations(summary) == [int(final)] and final == e.answer
         assert "-" not in re.sub(r"\d-\d", "", path1 + path2)  # no negative numbers anywhere
         plain = plain_solution(e)
         assert checked_equations(plain) == running_values(e.meta)[1:] and plain.endswith(f"Final Answer: {e.answer}")
+
+
+def test_summary_cites_either_path_half_the_time():
+    easy = make_problems(2000, "easy", seed=1, solution="parallel")
+    cites = [PATHS.match(e.solution).group(3) for e in easy]
+    assert 900 < cites.count("one") < 1100
+    assert make_problems(2000, "easy", seed=1, solution="parallel") == easy  # fixed per question
+
+
+def test_distractors_name_another_object_and_add_zero(sets):
+    with_distractors = [e for d in sets for e in sets[d] if len(e.meta["ops"]) > len(operations(e.meta))]
+    assert len(with_distractors) > 250
+    for e in with_distractors:
+        obj = e.question.split(".")[0].split()[-1]  # "tom has 14 cards" -> cards
+        path1, path2 = PATHS.match(parallel_solution(e)).groups()[:2]
+        for i, (sign, k, verb, *other) in enumerate(e.meta["ops"]):
+            if sign == "0":
+                assert other and other[0] != obj and f"{verb} {k} {other[0]}" in e.question
+                assert f"+0={running_values(e.meta)[i]}." in path1
+        gains = [k for s, k, *_ in operations(e.meta) if s == "+"]
+        assert path2.startswith(f"in {'+'.join(map(str, gains)) or 0}")  # the regrouped path skips them
 
 
 def test_solutions_are_well_formed_blocks(dtok, sets):
@@ -120,12 +151,15 @@ def test_lengths_are_short(dtok, sets):
         "hard question": [n_tokens(e.question) for e in sets["hard"]],
         "hard chat prompt": [prompt_len(e) for e in sets["hard"]],
         "hard plain solution": [n_tokens(plain_solution(e)) for e in sets["hard"]],
+        "hard parallel solution + eos": [n_tokens(parallel_solution(e)) + 1 for e in sets["hard"]],
     }
     for name, v in table.items():
         print(f"{name:32s} min {min(v):4d} mean {statistics.mean(v):6.1f} max {max(v):4d}")
-    assert max(table["easy question+parallel"]) <= 120 and min(table["easy question"]) >= 25
-    assert max(table["easy chat prompt+parallel+eos"]) <= 135
+    assert max(table["easy question+parallel"]) <= 160 and min(table["easy question"]) >= 25
+    # configs/demo.yaml: sft.max_total_tokens 192, max_prompt_tokens 64, max_new_tokens 160; nothing is cut
+    assert max(table["easy chat prompt+parallel+eos"]) <= 192
     assert max(table["hard chat prompt"]) <= 64
+    assert max(table["hard parallel solution + eos"]) <= 160  # a right hard solution fits the response limit
 
 
 def test_seeds_give_mostly_different_problems():
