@@ -59,31 +59,24 @@ def _nll(model, mb: TrainBatch, d: Dist, chunk: int):
     return token_logprobs(model, mb.input_ids.to(d.device), mb.attention_mask.to(d.device), chunk_size=chunk, **kw)
 
 
-def sft_backward(model, batch: TrainBatch, cfg, d: Dist) -> float:
-    """Backward of the token-mean NLL over the batch on all ranks; returns the loss."""
+def mean_nll(model, batch: TrainBatch, cfg, d: Dist, backward: bool = False) -> float:
+    """Token-mean NLL of the batch over all ranks, micro-batch by micro-batch; with `backward`, its
+    gradient is accumulated too (the SFT step); without it no autograd graph is built (the validation loss)."""
     num_tokens = all_reduce(batch.loss_mask.sum().float().to(d.device)).item()
     total = 0.0
     for idx, weight in aligned_micro_batches(batch, cfg.sft.micro_batch_tokens, d.device):
         mb = batch.select(idx)
-        logp = _nll(model, mb, d, cfg.grpo.logprob_chunk)
-        loss = aggregate(-logp, mb.loss_mask.to(logp.device), "token-mean", num_tokens=num_tokens)
-        (loss * weight * d.world).backward()  # FSDP averages over ranks; the loss is a global mean already
+        with torch.set_grad_enabled(backward):
+            logp = _nll(model, mb, d, cfg.grpo.logprob_chunk)
+            loss = aggregate(-logp, mb.loss_mask.to(logp.device), "token-mean", num_tokens=num_tokens)
+        if backward:
+            (loss * weight * d.world).backward()  # FSDP averages over ranks; the loss is a global mean already
         total += float(loss.detach()) * weight
     return float(all_reduce(torch.tensor(total, device=d.device)).item())
 
 
 def validation_loss(model, rows, cfg, d: Dist) -> float:
-    if not rows:
-        return float("nan")
-    batch = sft_batch(rows, 0)
-    num_tokens = all_reduce(batch.loss_mask.sum().float().to(d.device)).item()
-    total = 0.0
-    with torch.no_grad():
-        for idx, weight in aligned_micro_batches(batch, cfg.sft.micro_batch_tokens, d.device):
-            mb = batch.select(idx)
-            logp = _nll(model, mb, d, cfg.grpo.logprob_chunk)
-            total += float(aggregate(-logp, mb.loss_mask.to(logp.device), "token-mean", num_tokens=num_tokens)) * weight
-    return float(all_reduce(torch.tensor(total, device=d.device)).item())
+    return mean_nll(model, sft_batch(rows, 0), cfg, d) if rows else float("nan")
 
 
 def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int, compute_dtype=None) -> dict:
@@ -128,7 +121,7 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
         for step in bar:
             t0 = time.perf_counter()
             batch = sft_batch([rows[i] for i in stream.next_batch(s.batch_size)[d.rank::d.world]], 0)
-            loss = sft_backward(model, batch, cfg, d)
+            loss = mean_nll(model, batch, cfg, d, backward=True)
             grad_norm = float(clip_grad_norm(model, cfg.optim.grad_clip))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"SFT step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
