@@ -121,7 +121,8 @@ def _sample_batch(sampler, score, tokenizer, name, examples, todo, k, temperatur
     verdicts = score(texts, golds)
     lengths = rollout.response_mask.sum(1).tolist()
     return [report.make_record(benchmark=name, problem_index=todo[j // k], problem_id=examples[todo[j // k]].id,
-                               sample=j % k, response=texts[j], gold=golds[j], correct=v.get("correct", False),
+                               problem_hash=report.problem_hash(examples[todo[j // k]]), sample=j % k,
+                               response=texts[j], gold=golds[j], correct=v.get("correct", False),
                                answer=v.get("answer"), verdict=v.get("verdict", ""), length=lengths[j],
                                finish_reason=rollout.finish_reason[j], temperature=temperature)
             for j, v in enumerate(verdicts)]

@@ -8,6 +8,7 @@ format validity, accuracy with / without a block, path agreement, first-block po
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import defaultdict
@@ -29,13 +30,20 @@ class EvalError(ValueError):
 
 # --- records ------------------------------------------------------------------------------------------
 
+def problem_hash(example) -> str:
+    """A short fingerprint of a problem's question and answer: ids alone (a row number, "hard-1002-7")
+    survive an edited data file or a changed task generator, so resuming checks this too."""
+    return hashlib.sha1(f"{example.question}\x00{example.answer}".encode()).hexdigest()[:16]
+
+
 def make_record(*, benchmark: str, problem_index: int, problem_id: str, sample: int, response: str, gold: str,
                 correct: bool, answer: str | None, length: int, finish_reason: str, temperature: float,
-                verdict: str = "") -> dict:
+                verdict: str = "", problem_hash: str | None = None) -> dict:
     """One line of samples.jsonl: a scored response plus the parallel-thinking fields of its tags."""
     stats = parallel_stats(response)
     agreeing, checked = path_agreement(response)
-    return {"benchmark": benchmark, "problem_index": problem_index, "problem_id": problem_id, "sample": sample,
+    return {"benchmark": benchmark, "problem_index": problem_index, "problem_id": problem_id,
+            "problem_hash": problem_hash, "sample": sample,
             "temperature": temperature, "gold": gold, "answer": answer, "correct": bool(correct), "verdict": verdict,
             "num_blocks": stats.num_blocks, "paths_per_block": list(stats.paths_per_block),
             "well_formed": stats.well_formed, "first_block_position": stats.first_block_position,
@@ -103,15 +111,17 @@ def resume(out_dir, settings: dict, benchmarks: dict, ks: dict, temps: dict, res
 
 def split_finished(records: list[dict], benchmarks: dict, ks: dict, temps: dict) -> tuple[list, list]:
     """(records of problems with all k samples for this run, records to keep in the file). A record of this
-    run's problems counts only with the same problem id and temperature (else the data or setting changed)."""
+    run's problems counts only with the same problem id, problem hash (question and answer) and temperature
+    (else the data or setting changed)."""
     groups: dict = defaultdict(dict)
     keep = []
+    hashes = {name: [problem_hash(ex) for ex in examples] for name, examples in benchmarks.items()}
     for r in records:
         name, i = r["benchmark"], r["problem_index"]
         if name not in benchmarks or i >= len(benchmarks[name]):
             keep.append(r)  # another benchmark, or a problem beyond this run's --limit: not ours to judge
-        elif (r.get("problem_id") == benchmarks[name][i].id and r.get("temperature") == temps[name]
-              and r["sample"] < ks[name]):
+        elif (r.get("problem_id") == benchmarks[name][i].id and r.get("problem_hash") == hashes[name][i]
+              and r.get("temperature") == temps[name] and r["sample"] < ks[name]):
             groups[(name, i)][r["sample"]] = r
     finished = [r for (name, _), group in groups.items() if len(group) == ks[name] for r in group.values()]
     return finished, keep + finished

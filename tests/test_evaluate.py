@@ -262,6 +262,22 @@ def test_resume_after_interruption_redoes_nothing(monkeypatch, tmp_path, wtok):
     assert evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "cut"), **kw) == again and calls == []
 
 
+def test_resume_redoes_problems_whose_text_changed_under_the_same_id(monkeypatch, tmp_path, wtok):
+    model = word_model(wtok)
+    bench = {"x": [Example(i, q, a) for i, q, a in QUESTIONS[:3]]}
+    kw = dict(samples=1, max_new_tokens=4, prompt_style="none", batch_prompts=1, workers=0, progress=False,
+              out_dir=str(tmp_path))
+    evaluate(model, wtok, None, bench, **kw)
+    (i0, q0, a0), (i1, q1, a1) = QUESTIONS[:2]
+    edited = {"x": [Example(i0, q1, a0), Example(i1, q1, a1 + "0"), bench["x"][2]]}  # ids kept, texts changed
+    calls = count_prompts(monkeypatch)
+    evaluate(model, wtok, None, edited, **kw)
+    assert calls == [1, 1]  # problems 0 (new question) and 1 (new answer); 2 is unchanged
+    records = sorted(report.read_records(str(tmp_path / "samples.jsonl")), key=lambda r: r["problem_index"])
+    assert [r["problem_hash"] for r in records] == [report.problem_hash(ex) for ex in edited["x"]]
+    assert records[1]["gold"] == a1 + "0"
+
+
 def test_resume_refuses_other_settings(tmp_path, wtok):
     model = word_model(wtok)
     bench = {"x": [Example(i, q, a) for i, q, a in QUESTIONS[:2]]}
