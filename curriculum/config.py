@@ -58,6 +58,9 @@ class RolloutConfig:
     max_parallel_blocks: int = 4  # blocks per response (structured sampling)
     max_path_tokens: int | None = None  # path length limit, tags included (structured sampling)
     prefill_rows: int = 64  # prompts per prefill forward
+    # KV cache budget of the sampler (continuous batching: samples flow through the rows that fit)
+    kv_cache_gb: float | None = None  # GiB per rank; None = kv_cache_fraction of free CUDA memory, 4 GiB on CPU
+    kv_cache_fraction: float = 0.7  # CUDA, kv_cache_gb unset: share of the memory free when sampling starts
 
 
 @dataclass

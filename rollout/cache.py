@@ -13,6 +13,31 @@ from __future__ import annotations
 
 import torch
 
+GiB = 2**30
+CPU_DEFAULT_KV_BYTES = 4 * GiB  # the CPU budget when rollout.kv_cache_gb is unset (the demo needs a few MiB)
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of K and V that one cached token takes over all layers (Qwen3-4B in bf16: 147,456 = 144 KiB)."""
+    return 2 * num_layers * kv_heads * head_dim * dtype_bytes
+
+
+def pool_rows(budget_bytes: int, width: int, bytes_per_token: int) -> int:
+    """Cache rows of `width` slots that fit in `budget_bytes`: K, V and the (R, S) bool `valid` mask."""
+    return int(budget_bytes // (width * (bytes_per_token + 1)))
+
+
+def kv_budget_bytes(kv_cache_gb: float | None, kv_cache_fraction: float, device: torch.device) -> int:
+    """The sampler's KV budget: `kv_cache_gb` GiB when given; else on CUDA `kv_cache_fraction` of the device
+    memory free when sampling starts (after the gathered model, like vLLM's gpu_memory_utilization but
+    of what is free); else (CPU) a fixed CPU_DEFAULT_KV_BYTES."""
+    if kv_cache_gb is not None:
+        return int(kv_cache_gb * GiB)
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(kv_cache_fraction * free)
+    return CPU_DEFAULT_KV_BYTES
+
 
 class StaticKV:
     def __init__(self, num_layers: int, rows: int, kv_heads: int, slots: int, head_dim: int,
