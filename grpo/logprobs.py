@@ -126,10 +126,12 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     distribution that token t was drawn from. chunk_size: tokens (over all rows) per float32 logits
     chunk, the memory bound of the head. model_kwargs go to the model call (position_ids, a 4D mask,
     response_start for a model patched by model.patch.apply_structured_attention).
-    Padded positions hold values of no meaning: mask them out downstream.
+    Padded positions hold values of no meaning: mask them out downstream. temperature 0 (greedy sampling)
+    scores under the raw logits, the sampler's rule (rollout.sample_next), so both always agree.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    temperature = temperature or 1.0
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 token, got {chunk_size}")
     head = model.lm_head

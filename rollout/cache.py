@@ -1,11 +1,11 @@
-"""A static KV cache written by slot, in the style of gpt-fast's `setup_caches`.
+"""The sampler's KV cache: a fixed pool of rows written by slot (gpt-fast's `setup_caches`), and its budget.
 
-Buffers are allocated once at (rows, kv_heads, slots, head_dim) per layer; each forward writes one
-token per row at that row's own slot, so rows advance independently (a row that branches into
-paths, a row that absorbs its paths' keys). Only the first `active` rows are computed: finished rows
-are swapped out of that prefix and new path rows copied into it, one row at a time, never the whole
-cache. Keys are stored after the rotary embedding, so slot order does not matter to attention; what a
-row may see is its `valid` slots.
+Buffers are allocated once per generate call at (rows, kv_heads, slots, head_dim) per layer, never more
+rows than the budget holds (`pool_rows`); each decode forward writes one token per row at that row's own
+slot, so rows advance independently (a row that branches into paths, a row that absorbs its paths' keys).
+Only the first `active` rows are computed: finished rows are swapped out of that prefix and new rows
+copied into it, never the whole cache. Keys are stored after the rotary embedding, so slot order does not
+matter to attention; what a row may see is its `valid` slots.
 
 It is driven by the stock transformers Qwen3 attention, which calls `update(key, value, layer_idx, ...)`.
 """
@@ -46,10 +46,9 @@ class StaticKV:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=device)  # (R, S) slots a row sees
-        self.active = 0  # rows [0, active) are computed
-        self.row0 = 0  # first row a multi-token (prefill) forward writes
-        self.prompt_width = 0  # slots taken by the left-padded prompts
-        self.slot = None  # (active,) long: where a decode step writes; None while prefilling
+        self.active = 0  # rows [0, active) are computed by a decode step
+        self.prefill_rows = None  # (P,) long: the rows a prefill forward writes; None while decoding
+        self.slot = None  # (active,) long: where a decode step writes
         self.width = 0  # slots [0, width) are attended over
 
     @property
@@ -60,19 +59,24 @@ class StaticKV:
     def slots(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.valid))
+
     # --- the interface the transformers attention calls -------------------------------------------
     def update(self, key, value, layer_idx, *args, **kwargs):
-        """key/value: (rows, H_kv, q, D). A decode step (slot set) writes one token per row at its slot;
-        a prefill (slot None) writes q tokens at slots 0..q-1 of rows row0.."""
-        k, v, n, q = self.k[layer_idx], self.v[layer_idx], key.shape[0], key.shape[2]
-        if self.slot is not None:
-            rows = torch.arange(n, device=key.device)
-            k[rows, :, self.slot] = key[:, :, 0]  # (n, H_kv, D)
-            v[rows, :, self.slot] = value[:, :, 0]
-            return k[:n, :, : self.width], v[:n, :, : self.width]
-        rows = slice(self.row0, self.row0 + n)
-        k[rows, :, :q], v[rows, :, :q] = key, value
-        return k[rows, :, : self.width], v[rows, :, : self.width]
+        """key/value: (rows, H_kv, q, D). A prefill writes q tokens at slots 0..q-1 of `prefill_rows` and
+        attends over those alone; a decode step writes one token per active row at its slot."""
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if self.prefill_rows is not None:
+            q = key.shape[2]
+            k[self.prefill_rows, :, :q], v[self.prefill_rows, :, :q] = key, value
+            return key, value
+        rows = torch.arange(key.shape[0], device=key.device)
+        k[rows, :, self.slot] = key[:, :, 0]  # (n, H_kv, D)
+        v[rows, :, self.slot] = value[:, :, 0]
+        n = key.shape[0]
+        return k[:n, :, : self.width], v[:n, :, : self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width
@@ -82,23 +86,15 @@ class StaticKV:
         """(active, 1, 1, width) bool attention mask for a one-token step."""
         return self.valid[: self.active, None, None, : self.width]
 
-    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor, slots: slice | None = None) -> None:
-        """Row dst[i] := row src[i] (all slots, or only `slots`)."""
-        s = slice(None) if slots is None else slots
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor, width: int) -> None:
+        """Row dst[i] := row src[i]: keys and values of slots [0, width), the whole `valid` row. The
+        right-hand side is gathered first, so overlapping dst and src are safe."""
         for buf in (*self.k, *self.v):
-            buf[dst, :, s] = buf[src, :, s]
-        self.valid[dst, s] = self.valid[src, s]
+            buf[dst, :, :width] = buf[src, :, :width]
+        self.valid[dst] = self.valid[src]
 
     def copy_slots(self, dst_row: int, dst_start: int, src_row: int, src_start: int, n: int) -> None:
         """Move n slots of one row into another row at another offset (a path joining its block)."""
         for buf in (*self.k, *self.v):
             buf[dst_row, :, dst_start:dst_start + n] = buf[src_row, :, src_start:src_start + n]
         self.valid[dst_row, dst_start:dst_start + n] = self.valid[src_row, src_start:src_start + n]
-
-    def grow(self, rows: int) -> None:
-        """Make room for at least `rows` rows (doubling, so growth is rare)."""
-        if rows <= self.capacity:
-            return
-        new = max(rows, 2 * self.capacity)
-        pad = lambda t: torch.cat([t, t.new_zeros((new - t.shape[0], *t.shape[1:]))])  # noqa: E731
-        self.k, self.v, self.valid = [pad(t) for t in self.k], [pad(t) for t in self.v], pad(self.valid)

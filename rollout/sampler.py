@@ -1,72 +1,63 @@
-"""Our batched sampler (DESIGN.md rollout/sampler.py): P prompts x n samples with a static KV cache.
+"""Our batched sampler (DESIGN.md rollout/sampler.py): P prompts x n samples under a KV-cache budget.
 
-Each prompt is prefilled once and its cache rows copied to its n samples; rows that finish leave the
-computed batch at once. In structured mode a block's paths are separate rows decoded in the same
-steps (rollout/structured.py). The invariant: every sampled token's log-prob here equals the
-trainer's forward over the final sequence (plus `build_structure` and the patch when structured).
+Samples flow through a fixed pool of cache rows (continuous batching, rollout/run.py): each prompt is
+prefilled once and copied to its samples as rows free up, finished rows leave the decode batch at once
+and waiting samples take their rows. The pool never holds more rows than the budget
+(`kv_cache_gb`, or a share of free CUDA memory; rollout/cache.py). Every token is drawn from the sample's
+own random stream (rollout/noise.py), so a sample depends on its prompt, its index and the seed, not on
+the budget. In structured mode a block's paths are separate rows decoded in the same steps
+(rollout/structured.py). The invariant: every sampled token's log-prob here equals the trainer's forward
+over the final sequence (plus `build_structure` and the patch when structured).
 """
 from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from model.tags import TagIds
 
-from .cache import StaticKV
-from .rows import RowBuffers, RowSet, Row
+from .cache import StaticKV, kv_budget_bytes, kv_bytes_per_token, pool_rows
+from .noise import gumbel, stream_keys, vocab_keys
+from .rows import Limits, Rollout, RowBuffers, RowPool
 from .run import Run
 
 
-@dataclass(frozen=True)
-class Rollout:
-    """prompts x n samples, group-contiguous: rows i*n .. i*n+n-1 are prompt i's samples."""
+class SamplingAborted(RuntimeError):
+    """`generate(..., should_stop=...)` returned True between two decode steps: the rollout was abandoned."""
 
-    prompt_ids: torch.Tensor  # (N, Lp) left-padded with pad_id
-    prompt_mask: torch.Tensor  # (N, Lp) 1 on prompt tokens
-    response_ids: torch.Tensor  # (N, M) right-padded with pad_id
-    response_mask: torch.Tensor  # (N, M) 1 up to and including the stop token
-    logprobs: torch.Tensor  # (N, M) sampler log-prob under logits/temperature; 0 on forced tokens and padding
-    forced_mask: torch.Tensor  # (N, M) 1 on forced tokens (structured tags: context, not actions)
-    position_ids: torch.Tensor  # (N, M) position id of each response token
-    finish_reason: tuple  # per sample: "stop" | "length" | "block_limit"
-    group_size: int
-    stats: dict  # decode "steps"; joined "blocks", the "block_steps" they were open, their "path_tokens"
 
-    def sequences(self):
-        """(ids, attention_mask, response_start): prompt and response side by side, (N, Lp+M)."""
-        ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
-        mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)
-        return ids, mask, self.prompt_ids.shape[1]
+def filter_logits(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """(R, V) logits with every entry outside the top-k, then outside the smallest head whose probability
+    mass reaches top_p, set to -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (R, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_p, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest head whose mass reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """(R, V) logits -> (R, V) sampling probabilities after temperature, top-k and top-p."""
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (R, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest head whose mass reaches top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    return torch.softmax(filter_logits(logits / temperature, top_p, top_k), dim=-1)
 
 
-def sample_next(logits, temperature, top_p, top_k, generator):
-    """(R, V) logits -> tokens (R,) and their log-probs (R,) under logits/temperature (unfiltered)."""
-    logits = logits.float()
-    greedy = temperature == 0 or top_k == 1
-    logp_all = torch.log_softmax(logits if greedy else logits / temperature, dim=-1)  # (R, V)
-    if greedy:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                noise: torch.Tensor | None = None):
+    """(R, V) logits -> tokens (R,) and their log-probs (R,) under logits / temperature, unfiltered (the
+    trainer's rule: temperature 0 means the raw logits). Greedy when temperature is 0 or top_k is 1; else
+    Gumbel-max with `noise` (R, V): argmax(filtered logits / T + noise) is a draw from the filtered softmax."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    scaled = logits / temperature if temperature > 0 else logits
+    if temperature == 0 or top_k == 1:
         tok = logits.argmax(-1)
     else:
-        tok = torch.multinomial(logits_to_probs(logits, temperature, top_p, top_k), 1, generator=generator)[:, 0]
-    return tok, logp_all.gather(-1, tok[:, None])[:, 0]
+        tok = (filter_logits(scaled, top_p, top_k) + noise).argmax(-1)
+    return tok, torch.log_softmax(scaled, dim=-1).gather(-1, tok[:, None])[:, 0]
 
 
 @contextmanager
@@ -95,88 +86,133 @@ def eval_mode(model):
 
 
 class Sampler:
-    """Owns the KV cache of a model; `generate` samples P prompts x n, causal or structured."""
+    """Owns the model's sampling forwards and, during a call, the KV pool; `generate` samples P prompts x n,
+    causal or structured."""
 
     def __init__(self, model, tags: TagIds | None = None, pad_id: int = 0, newline_id: int | None = None,
                  num_paths: int = 2, max_parallel_blocks: int = 4, max_path_tokens: int | None = None,
-                 prefill_rows: int = 64, dtype: torch.dtype | None = None):
+                 prefill_rows: int = 64, dtype: torch.dtype | None = None, kv_cache_gb: float | None = None,
+                 kv_cache_fraction: float = 0.7, max_rows: int | None = None):
         if num_paths < 2:
             raise ValueError(f"num_paths must be >= 2, got {num_paths}")
         self.model, self.tags, self.pad_id, self.newline_id = model, tags, pad_id, newline_id
         self.num_paths, self.max_blocks, self.max_path_tokens = num_paths, max_parallel_blocks, max_path_tokens
         self.prefill_rows = prefill_rows
         self.dtype = dtype  # KV cache dtype = the compute dtype (bf16 under FSDP mixed precision); None: params
+        # the budget: kv_cache_gb GiB, else a share of free CUDA memory, else a CPU default (cache.kv_budget_bytes);
+        # max_rows caps the pool in rows as well (tests, benchmarks)
+        self.kv_cache_gb, self.kv_cache_fraction, self.max_rows = kv_cache_gb, kv_cache_fraction, max_rows
         params = inspect.signature(type(model).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.24 vs 5.17
+
+    @classmethod
+    def from_section(cls, model, tags, ro, *, pad_id: int, newline_id: int | None, dtype=None) -> "Sampler":
+        """The sampler of a config's `rollout` section (curriculum/config.py RolloutConfig), read by name."""
+        return cls(model, tags=tags, pad_id=pad_id, newline_id=newline_id, num_paths=ro.num_paths,
+                   max_parallel_blocks=ro.max_parallel_blocks, max_path_tokens=ro.max_path_tokens,
+                   prefill_rows=ro.prefill_rows, dtype=dtype, kv_cache_gb=ro.kv_cache_gb,
+                   kv_cache_fraction=ro.kv_cache_fraction)
 
     def _forward(self, ids, pos, mask, cache):
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False,
                          logits_to_keep=1, **{self.cache_kw: cache})
         return out.logits[:, -1]  # (rows, V)
 
-    def prefill(self, prompts: list, cache: StaticKV) -> torch.Tensor:
-        """Run each prompt once (left-padded) into cache rows 0..P-1; (P, V) logits of the first token."""
-        dev, P, Lp = cache.valid.device, len(prompts), cache.prompt_width
-        ids = torch.full((P, Lp), self.pad_id, dtype=torch.long, device=dev)
-        pmask = torch.zeros(P, Lp, dtype=torch.bool, device=dev)
-        for i, p in enumerate(prompts):
-            ids[i, Lp - len(p):], pmask[i, Lp - len(p):] = torch.tensor(p, device=dev), True
-        pos = (pmask.long().cumsum(1) - 1).clamp(min=0)  # (P, Lp)
-        causal = torch.ones(Lp, Lp, dtype=torch.bool, device=dev).tril()
-        eye = torch.eye(Lp, dtype=torch.bool, device=dev)
-        mask = (causal & pmask[:, None, :]) | (eye & ~pmask[:, :, None])  # (P, Lp, Lp); pads see themselves
-        out = []
-        cache.width = Lp
-        for a in range(0, P, self.prefill_rows):
-            b = min(P, a + self.prefill_rows)
-            cache.row0 = a
-            out.append(self._forward(ids[a:b], pos[a:b], mask[a:b, None], cache))
-        cache.row0 = 0
-        cache.valid[:P, :Lp] = pmask
-        return torch.cat(out), ids, pmask
+    def pool_size(self, width: int, wanted: int, dev) -> tuple[int, int]:
+        """(rows, bytes per token) of the pool for rows of `width` slots: what the budget holds, at most `wanted`."""
+        cfg = self.model.config
+        dtype = self.dtype or self.model.dtype
+        per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                       torch.finfo(dtype).bits // 8)
+        rows = pool_rows(kv_budget_bytes(self.kv_cache_gb, self.kv_cache_fraction, dev), width, per_token)
+        return min(rows, wanted, self.max_rows or wanted), per_token
 
-    def decode_step(self, rows: RowSet) -> torch.Tensor:
+    def prefill(self, prompts: list, seeds: list, pool: RowPool) -> None:
+        """Write all but the last token of each new prompt (left-padded) into its seed row; the last token is
+        the row's first decode input, so every response token comes from a decode step."""
+        cache, buf = pool.cache, pool.buf
+        dev = buf.tok.device
+        heads = [prompts[p][:-1] for p, _ in seeds]
+        W = max(map(len, heads))
+        rows = torch.tensor([r.idx for _, r in seeds], device=dev)
+        if W > 0:
+            ids = torch.full((len(heads), W), self.pad_id, dtype=torch.long, device=dev)
+            pmask = torch.zeros(len(heads), W, dtype=torch.bool, device=dev)
+            for i, h in enumerate(heads):
+                if h:
+                    ids[i, W - len(h):], pmask[i, W - len(h):] = torch.tensor(h, device=dev), True
+            pos = (pmask.long().cumsum(1) - 1).clamp(min=0)  # (P, W)
+            causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril()
+            eye = torch.eye(W, dtype=torch.bool, device=dev)
+            mask = (causal & pmask[:, None, :]) | (eye & ~pmask[:, :, None])  # (P, W, W); pads see themselves
+            cache.prefill_rows = rows
+            try:
+                self._forward(ids, pos, mask[:, None], cache)
+            finally:
+                cache.prefill_rows = None
+            cache.valid[rows, :W] = pmask
+        buf.tok[rows] = torch.tensor([prompts[p][-1] for p, _ in seeds], device=dev)
+        buf.pos[rows] = torch.tensor([len(prompts[p]) - 1 for p, _ in seeds], device=dev)
+        buf.slot[rows] = W
+
+    def decode_step(self, pool: RowPool) -> torch.Tensor:
         """Feed each row its current token at its own slot and position; (R, V) next-token logits."""
-        cache, buf, R = rows.cache, rows.buf, len(rows.rows)
-        live = torch.tensor([not r.waiting for r in rows.rows], device=buf.tok.device)  # (R,)
+        cache, buf, R = pool.cache, pool.buf, len(pool.rows)
+        live = torch.tensor([not r.idle for r in pool.rows], device=buf.tok.device)  # (R,)
         slot = buf.slot[:R]
         idx = torch.arange(R, device=slot.device)
         cache.valid[idx[live], slot[live]] = True
         cache.slot, cache.width = slot, int(slot.max()) + 1
         logits = self._forward(buf.tok[:R, None], buf.pos[:R, None], cache.mask(), cache)
-        buf.slot[:R] += live.long()  # a waiting path wrote nowhere it will ever see
+        buf.slot[:R] += live.long()  # an idle row wrote nowhere it will ever see
         return logits
 
     def generate(self, prompts: list, n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, stop_ids=(), structured: bool = False, seed: int = 0) -> Rollout:
-        """Sample n responses per prompt (token-id lists). See Rollout for what comes back."""
+                 top_p: float = 1.0, top_k: int = 0, stop_ids=(), structured: bool = False, seed: int = 0,
+                 should_stop=None) -> Rollout:
+        """Sample n responses per prompt (token-id lists). See Rollout for what comes back. `should_stop`
+        (a callable) is asked between decode steps; True abandons the call with SamplingAborted."""
         self._check(prompts, n, max_new_tokens, temperature, top_p, top_k, structured)
         dev = self.model.get_input_embeddings().weight.device
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        N, M = len(prompts) * n, max_new_tokens
+        lim = Limits(max_new_tokens, frozenset(int(s) for s in stop_ids), structured, self.tags, self.num_paths,
+                     self.max_blocks, self.max_path_tokens, self.newline_id)
+        width = max(map(len, prompts)) - 1 + max_new_tokens  # prompt slots, then one slot per token fed
+        N = len(prompts) * n
+        rows, per_token = self.pool_size(width, N * (self.num_paths if structured else 1), dev)
+        self._check_pool(rows, n, structured, width, per_token)
         cfg = self.model.config
-        cache = StaticKV(cfg.num_hidden_layers, N * (2 if structured else 1), cfg.num_key_value_heads,
-                         max(map(len, prompts)) + M, cfg.head_dim, self.dtype or self.model.dtype, dev)
-        cache.prompt_width = max(map(len, prompts))
-        run = Run(self, RowSet(cache, RowBuffers(cache.capacity, M, dev)), N, M, structured,
-                     set(int(s) for s in stop_ids))
+        cache = StaticKV(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, width, cfg.head_dim,
+                         self.dtype or self.model.dtype, dev)
+        pool = RowPool(cache, RowBuffers(rows, max_new_tokens, dev))
+        run = Run(pool, lim, len(prompts), n)
+        vocab = None
         with torch.no_grad(), sdpa_attention(self.model), eval_mode(self.model):
-            logits, pids, pmask = self.prefill(prompts, cache)
-            src = torch.arange(N, device=dev) // n  # sample s belongs to prompt s // n
-            cache.copy_rows(torch.arange(N, device=dev), src)
-            run.rows.rows = [Row(idx=s, sample=s) for s in range(N)]
-            cache.active = N
-            buf = run.rows.buf
-            buf.slot[:N] = cache.prompt_width
-            buf.pos[:N] = pmask.sum(1)[src] - 1  # the last prompt token's position
-            logits = logits[src]
-            while True:
-                tok, logp = sample_next(logits, temperature, top_p, top_k, gen)
+            while not run.done:
+                if should_stop is not None and should_stop():
+                    raise SamplingAborted("sampling abandoned (a stop was requested)")
+                while new := run.admit(self.prefill_rows):
+                    self.prefill(prompts, new, pool)
+                run.spawn()
+                logits = self.decode_step(pool)  # (R, V)
+                noise = None
+                if temperature > 0 and top_k != 1:
+                    vocab = vocab_keys(logits.shape[-1], dev) if vocab is None else vocab
+                    R = logits.shape[0]
+                    keys = stream_keys(seed, pool.buf.sample[:R], pool.buf.stream[:R], pool.buf.out_len[:R])
+                    noise = gumbel(keys, vocab, torch.float64 if logits.dtype == torch.float64 else torch.float32)
+                tok, logp = sample_next(logits, temperature, top_p, top_k, noise)
                 run.advance(tok, logp)
-                if not run.rows.rows:
-                    break
-                logits = self.decode_step(run.rows)
-        return run.result(pids[src], pmask[src].long(), n, self.pad_id)
+        return run.result(prompts, self.pad_id, cache.nbytes)
+
+    def _check_pool(self, rows: int, n: int, structured: bool, width: int, per_token: int) -> None:
+        """The pool must hold a seed and a sample (plus a block's paths when structured) to make progress."""
+        need = (2 if n > 1 else 1) + (self.num_paths - 1 if structured else 0)
+        if rows < need:
+            row_mb = width * (per_token + 1) / 2**20
+            raise ValueError(f"the KV budget holds {rows} cache rows of {width} tokens ({row_mb:.1f} MiB each); "
+                             f"sampling needs at least {need} (a prompt's seed row and a sample"
+                             f"{', plus the paths of a block' if structured else ''}): raise rollout.kv_cache_gb, "
+                             "or lower rollout.max_new_tokens / data.max_prompt_tokens")
 
     def _check(self, prompts, n, max_new_tokens, temperature, top_p, top_k, structured):
         if not prompts or any(len(p) == 0 for p in prompts):

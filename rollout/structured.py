@@ -7,6 +7,7 @@ replaced by a forced `</Path>`, as is the path length limit. When all paths are 
 takes the other paths' keys (slot order is free: keys carry their rotary positions), forces
 `</Parallel>` newline `<Summary>` at 1 + the longest path, and the main stream goes on.
 Tags the structure calls malformed (model/structure.py) turn the rest of the response causal.
+Every limit comes from `run.lim` (rows.Limits); a block opens only when the pool has rows for its paths.
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def sampler_layout(text: str) -> str:
 
 def main_tag(run, row: Row, tok: int) -> None:
     """A tag sampled in the main stream (not malformed so far)."""
-    tags = run.tags
+    tags = run.lim.tags
     if tok == tags.parallel_open:
-        if row.blocks >= run.sampler.max_blocks:
+        if row.blocks >= run.lim.max_blocks:
             run.finish(row, "block_limit")  # the extra <Parallel> is the response's last token
             return
         row.blocks += 1
@@ -47,33 +48,42 @@ def main_tag(run, row: Row, tok: int) -> None:
 
 def path_token(run, row: Row, tok: int, logp: float) -> None:
     """A token sampled inside a path."""
-    tags, buf, r = run.tags, run.rows.buf, row.idx
-    if tok != tags.path_close and (tok in run.stop or tok in tags.as_tuple()):
+    tags, buf, r = run.lim.tags, run.pool.buf, row.idx
+    if tok != tags.path_close and (tok in run.lim.stop_ids or tok in run.tag_set):
         run.append_forced(row, tags.path_close)  # EOS or a foreign tag ends the path
         return
     buf.append(r, tok, logp, False, int(buf.pos[r]) + 1)
     if tok == tags.path_close:
         row.then = "wait"
         return
-    limit = run.sampler.max_path_tokens
+    limit = run.lim.max_path_tokens
     if limit is not None and int(buf.out_len[r]) - row.block.out_start >= limit - 1:
         row.queue.append(tags.path_close)  # the path's last token is a forced </Path>
 
 
-def settle_blocks(run) -> None:
-    """End of a step: open new blocks, end blocks over budget, merge blocks whose paths are all in."""
-    buf = run.rows.buf
-    for row in run.branching:
-        if row in run.gone:
-            continue
-        copies = run.rows.add_copies(row, run.sampler.num_paths - 1)
+def open_blocks(run) -> None:
+    """Rows that wrote <Parallel> branch into their paths, in order, while the pool has rows for them;
+    the others wait (idle, nothing written) and go first at the next step."""
+    buf, extra = run.pool.buf, run.lim.num_paths - 1
+    while run.to_branch and run.pool.free >= extra:
+        row = run.to_branch.pop(0)
+        row.stalled = False
+        streams = [row.blocks * run.lim.num_paths + k for k in range(1, extra + 1)]  # a noise stream per path
+        copies = run.pool.add_copies([row] * extra, [row.sample] * extra, streams)
         start = int(buf.out_len[row.idx]) - 1  # the forced <Path> just written
         block = Block(rows=[row] + copies, out_start=start, slot_start=int(buf.slot[row.idx]), budget=run.M - start,
                       opened=run.stats["steps"])
         for r in block.rows:
             r.block = block
-    run.branching = []
-    blocks = {id(r.block): r.block for r in run.rows.rows if r.block is not None}
+    for row in run.to_branch:
+        run.stats["stalled_blocks"] += not row.stalled
+        row.stalled = True
+
+
+def settle_blocks(run) -> None:
+    """End of a step: end blocks over budget, merge blocks whose paths are all in."""
+    buf = run.pool.buf
+    blocks = {id(r.block): r.block for r in run.pool.rows if r.block is not None}
     for block in blocks.values():
         used = sum(int(buf.out_len[r.idx]) - block.out_start for r in block.rows)
         if used >= block.budget:
@@ -90,11 +100,11 @@ def settle_blocks(run) -> None:
 def join_paths(run, block: Block, with_cache: bool) -> None:
     """Append paths 2..k to the first row's response (and cache), in path order, up to the budget.
     A block cut off by the budget keeps its paths up to the first one left open."""
-    buf, cache, main = run.rows.buf, run.rows.cache, block.rows[0]
+    buf, cache, main = run.pool.buf, run.pool.cache, block.rows[0]
     m, s0 = main.idx, block.out_start
     main.pos_after = max(int(buf.out_pos[r.idx, int(buf.out_len[r.idx]) - 1]) for r in block.rows) + 1
     for r in block.rows[1:]:
-        if int(buf.out_tok[m, int(buf.out_len[m]) - 1]) != run.tags.path_close:
+        if int(buf.out_tok[m, int(buf.out_len[m]) - 1]) != run.lim.tags.path_close:
             run.gone.append(r)  # cut off inside an open path: a later path cannot follow it
             continue
         length = min(int(buf.out_len[r.idx]) - s0, run.M - int(buf.out_len[m]))
@@ -113,9 +123,9 @@ def join_paths(run, block: Block, with_cache: bool) -> None:
 
 def close_block(run, main: Row) -> None:
     """Force </Parallel> at 1 + the longest path, then newline and <Summary>; the summary is sampled."""
-    if int(run.rows.buf.out_len[main.idx]) >= run.M:
+    if int(run.pool.buf.out_len[main.idx]) >= run.M:
         run.finish(main, "length")
         return
-    tags = run.tags
+    tags = run.lim.tags
     run.append_forced(main, tags.parallel_close, pos=main.pos_after)
-    main.queue = ([run.sampler.newline_id] if run.sampler.newline_id is not None else []) + [tags.summary_open]
+    main.queue = ([run.lim.newline_id] if run.lim.newline_id is not None else []) + [tags.summary_open]

@@ -108,7 +108,7 @@ def test_lm_head_restored(tiny_model, tiny_config):
 def test_bad_arguments(tiny_model, tiny_config):
     input_ids, _ = batch(tiny_config["vocab_size"], None)
     with pytest.raises(ValueError, match="temperature"):
-        token_logprobs(tiny_model, input_ids, temperature=0.0)
+        token_logprobs(tiny_model, input_ids, temperature=-0.5)
     with pytest.raises(ValueError, match="chunk_size"):
         token_logprobs(tiny_model, input_ids, chunk_size=0)
 

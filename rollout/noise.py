@@ -1,0 +1,48 @@
+"""Per-sample random streams for the sampler: counter-based noise and the Gumbel-max draw.
+
+A draw depends only on (seed, sample, stream, counter), never on which other rows shared the decode
+batch or in what order samples were admitted, so a sample is the same whatever the KV budget (DESIGN.md
+rollout/sampler.py). The uniforms come from a 32-bit integer hash (Wellons' lowbias32) evaluated on int64
+tensors; products are split into 16-bit halves so no int64 multiply ever overflows. Sampling is the
+Gumbel-max trick: argmax(logits / T + G), G = -log(-log U), draws exactly from softmax(logits / T)
+restricted to the entries left finite by top-k / top-p.
+"""
+from __future__ import annotations
+
+import torch
+
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), without int64 overflow: x = hi * 2^16 + lo."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + ((hi * (c & 0xFFFF)) << 16)) & M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32: a bijective 32-bit hash with good avalanche; x holds values in [0, 2^32) (int64)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_keys(seed: int, sample: torch.Tensor, stream: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """(R,) int64 keys, one per row, from the row's sample index, stream id and token counter."""
+    key = mix32(torch.full_like(sample, seed & M32) ^ 0x9E3779B9)
+    for part in (sample, stream, counter):
+        key = mix32(key ^ (part & M32))
+    return key
+
+
+def vocab_keys(vocab: int, device) -> torch.Tensor:
+    """(V,) int64: a hash per vocabulary entry, combined with each row's key into that entry's uniform."""
+    return mix32(torch.arange(vocab, device=device, dtype=torch.long) + 0x632BE5AB)
+
+
+def gumbel(row_keys: torch.Tensor, vocab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(R, V) standard Gumbel noise from row keys (R,) and vocab keys (V,)."""
+    u = (mix32(row_keys[:, None] ^ vocab[None, :]).to(torch.float64) + 0.5) / 2.0**32  # (R, V) in (0, 1)
+    return (-torch.log(-torch.log(u))).to(dtype)
