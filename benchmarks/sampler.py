@@ -5,6 +5,12 @@ response tokens up to and including EOS. Both sample the same prompts x n from t
 (random init, EOS-biased head so response lengths spread from a few tokens to the limit).
 "block_step_ratio" = decode steps our structured sampler spends on a 2-path block / the steps needed to
 write both paths one after the other (< 1: paths decoded simultaneously).
+Under a KV budget of R rows (continuous batching), with N = P x n >= 8 R samples:
+"equal_memory_ratio" = our tokens/s with R rows / `model.generate` run in chunks of R sequences (the best
+generate does in the same memory; target >= 3); "budget_peak_ratio" = bytes of the KV pool allocated / the
+budget (must be <= 1); "refill_ratio" = our tokens/s with R rows / ours with every row at once (target >= 0.9).
+Full run only: decode-step seconds of a Qwen3-0.6B-shaped model (random weights, 151,936 vocabulary) at 1, 8
+and 32 rows / the weight-streaming bound (parameter bytes / the memory bandwidth of a large tensor copy).
 
     python benchmarks/sampler.py [--quick]
 """
@@ -23,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model import build_model  # noqa: E402
 from model.tokenizer import build_word_tokenizer  # noqa: E402
 from model.tags import add_tag_tokens  # noqa: E402
-from rollout import Sampler  # noqa: E402
+from rollout import Sampler, kv_bytes_per_token  # noqa: E402
 
 
 def tiny_model(vocab: int, hidden: int, layers: int, eos: int, eos_bias: float):
@@ -44,6 +50,13 @@ def time_ours(sampler, prompts, n, max_new, eos, seed):
     t0 = time.perf_counter()
     r = sampler.generate(prompts, n=n, max_new_tokens=max_new, temperature=1.0, stop_ids=[eos], seed=seed)
     return time.perf_counter() - t0, int(r.response_mask.sum())
+
+
+def time_generate_chunked(model, prompts, n, max_new, eos, pad, seed, rows: int):
+    """generate over prompts in chunks of `rows` sequences (rows // n prompts x n samples each)."""
+    per = max(1, rows // n)
+    runs = [time_generate(model, prompts[a:a + per], n, max_new, eos, pad, seed + a) for a in range(0, len(prompts), per)]
+    return sum(s for s, _ in runs), sum(t for _, t in runs)
 
 
 def time_generate(model, prompts, n, max_new, eos, pad, seed):
@@ -99,15 +112,73 @@ def block_step_ratio(model, tok, tags, path_len: int, seeds: int = 3):
     return steps, tokens
 
 
+def budget_figures(model, tags, pad, prompts, n, max_new, eos, rows: int, repeats: int) -> dict:
+    """Ours under a budget of `rows` rows vs ours with every row, and vs generate in chunks of `rows`."""
+    c = model.config
+    width = max(map(len, prompts)) - 1 + max_new
+    per_row = width * (kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 4) + 1)
+    budget = (rows + 0.5) * per_row  # bytes: room for `rows` rows, not one more
+    pooled = Sampler(model, tags=tags, pad_id=pad, kv_cache_gb=budget / 2**30)
+    every = Sampler(model, tags=tags, pad_id=pad)
+    r = pooled.generate(prompts, n=n, max_new_tokens=max_new, stop_ids=[eos], seed=0)
+    assert r.stats["pool_rows"] == rows and len(prompts) * n >= 8 * rows, r.stats
+    timed = {"pooled": [], "every": [], "chunked": []}
+    for seed in range(repeats):
+        timed["pooled"].append(time_ours(pooled, prompts, n, max_new, eos, seed))
+        timed["every"].append(time_ours(every, prompts, n, max_new, eos, seed))
+        timed["chunked"].append(time_generate_chunked(model, prompts, n, max_new, eos, pad, seed, rows))
+    tps = {k: sum(t for _, t in v) / sum(s for s, _ in v) for k, v in timed.items()}
+    return {"equal_memory_ratio": round(tps["pooled"] / tps["chunked"], 3),
+            "budget_peak_ratio": round(r.stats["kv_bytes"] / budget, 3),
+            "refill_ratio": round(tps["pooled"] / tps["every"], 3), "budget_rows": rows,
+            "budget_tokens_per_s": round(tps["pooled"], 1), "all_rows_tokens_per_s": round(tps["every"], 1),
+            "generate_chunked_tokens_per_s": round(tps["chunked"], 1), "budget_decode_steps": r.stats["steps"]}
+
+
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 rope_theta=1000000.0, tie_word_embeddings=True)
+
+
+def copy_bandwidth(nbytes: int = 2**30) -> float:
+    """Bytes/s moved by a large tensor copy (read + write), the best of three."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def decode_vs_bandwidth(rows_list=(1, 8, 32), steps: int = 6) -> dict:
+    """Seconds per decode step of a 0.6B-shaped Qwen3 at each row count / parameter bytes over bandwidth."""
+    model = build_model(QWEN3_06B, seed=0).eval()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = param_bytes / copy_bandwidth()
+    sampler = Sampler(model, pad_id=0)
+    out = {"qwen3_06b_param_bytes": param_bytes, "weight_streaming_bound_s": round(bound, 4)}
+    for rows in rows_list:
+        sampler.generate([[1, 2, 3, 4]], n=rows, max_new_tokens=2, seed=0)  # warm-up
+        t0 = time.perf_counter()
+        r = sampler.generate([[1, 2, 3, 4]], n=rows, max_new_tokens=steps, seed=0)  # no stop id: all run `steps`
+        per_step = (time.perf_counter() - t0) / r.stats["steps"]
+        out[f"decode_step_s_rows{rows}"] = round(per_step, 4)
+        out[f"decode_vs_bound_rows{rows}"] = round(per_step / bound, 2)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     tok = build_word_tokenizer()
     tags = add_tag_tokens(tok)
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    P, n, max_new, repeats = (4, 8, 96, 2) if args.quick else (8, 8, 256, 3)
+    P, n, max_new, repeats = (8, 8, 96, 2) if args.quick else (16, 8, 256, 3)
     model = tiny_model(len(tok), 128 if args.quick else 256, 4, eos, eos_bias=1.5)
     sampler = Sampler(model, tags=tags, pad_id=pad)
     words = "hello world solve the problem how many apples".split()  # prompts of 4..8 tokens
@@ -122,9 +193,13 @@ def main():
         theirs.append((s, t))
     ours_tps = sum(t for _, t in ours) / sum(s for s, _ in ours)
     gen_tps = sum(t for _, t in theirs) / sum(s for s, _ in theirs)
+    rows = max(n, P * n // 8)  # >= n: generate in chunks of whole groups of n; N >= 8 rows
+    budget = budget_figures(model, tags, pad, prompts, n, max_new, eos, rows=rows, repeats=repeats)
+    big = {} if args.quick else decode_vs_bandwidth()
     steps, seq_steps = block_step_ratio(model, tok, tags, path_len=16 if args.quick else 48)
-    print(f"ours {ours_tps:.0f} tok/s, generate {gen_tps:.0f} tok/s; block steps {steps} vs {seq_steps}")
-    print(json.dumps({
+    print(f"ours {ours_tps:.0f} tok/s, generate {gen_tps:.0f} tok/s; block steps {steps} vs {seq_steps}; "
+          f"budget {budget}; 0.6B {big}")
+    print(json.dumps({**budget, **big,
         "ratio": round(ours_tps / gen_tps, 3), "ours_tokens_per_s": round(ours_tps, 1),
         "generate_tokens_per_s": round(gen_tps, 1), "block_step_ratio": round(steps / seq_steps, 3),
         "block_steps": steps, "sequential_block_steps": seq_steps, "prompts": P, "n": n, "max_new_tokens": max_new,

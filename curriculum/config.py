@@ -130,8 +130,7 @@ class EvalConfig:
     data_dir: str = "data"  # where benchmark files are looked up by default
     limit: int | None = None  # problems per benchmark (debugging)
     samples: int | None = None  # responses per problem for every benchmark, overriding theirs (quick looks)
-    batch_prompts: int = 32  # prompts per sampler call
-    max_batch_rows: int | None = None  # cap on prompts x samples per sampler call (the KV cache grows with it)
+    batch_prompts: int = 32  # prompts per sampler call (and per resumable record batch); memory: rollout.kv_cache_gb
     every: int = 0  # stages: held-out evaluation every N steps (0 = at the end only)
 
 

@@ -52,7 +52,8 @@ class BenchmarkSpec:
 def evaluate(model, tokenizer, tags, benchmarks: dict, *, samples: int | dict = 1, temperature: float | dict = 1.0,
              top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 3000, structured: bool | None = None,
              prompt_style: str = "parallel", template: str = "raw", max_prompt_tokens: int | None = 2000,
-             batch_prompts: int = 32, max_batch_rows: int | None = None, seed: int = 0, num_paths: int = 2,
+             batch_prompts: int = 32, kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.7,
+             seed: int = 0, num_paths: int = 2,
              max_parallel_blocks: int = 4, max_path_tokens: int | None = None, prefill_rows: int = 64,
              out_dir: str | None = None, timeout: float = 10.0, workers: int = 2, label: str = "model",
              restart_if_changed: bool = False, progress: bool = True) -> dict:
@@ -72,7 +73,8 @@ def evaluate(model, tokenizer, tags, benchmarks: dict, *, samples: int | dict = 
 
 def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, temperature=1.0, top_p=1.0, top_k=0,
                      max_new_tokens=3000, structured=None, prompt_style="parallel", template="raw",
-                     max_prompt_tokens=2000, batch_prompts=32, max_batch_rows=None, seed=0, num_paths=2,
+                     max_prompt_tokens=2000, batch_prompts=32, kv_cache_gb=None, kv_cache_fraction=0.7, seed=0,
+                     num_paths=2,
                      max_parallel_blocks=4, max_path_tokens=None, prefill_rows=64, out_dir=None, timeout=10.0,
                      workers=2, restart_if_changed=False, progress=True) -> list[dict]:
     """The scored records (report.make_record) of every sample `evaluate` reports on, finished ones read
@@ -89,16 +91,16 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
         finished = {(r["benchmark"], r["problem_index"]) for r in records}
         sampler = Sampler(model, tags=tags, pad_id=_pad_id(tokenizer), newline_id=newline_id(tokenizer),
                           num_paths=num_paths, max_parallel_blocks=max_parallel_blocks,
-                          max_path_tokens=max_path_tokens, prefill_rows=prefill_rows)
+                          max_path_tokens=max_path_tokens, prefill_rows=prefill_rows, kv_cache_gb=kv_cache_gb,
+                          kv_cache_fraction=kv_cache_fraction)
         left = sum(len(exs) for exs in benchmarks.values()) - len(finished)
         with RewardPool(workers=workers, timeout=timeout) as pool, \
                 tqdm(total=left, desc="eval", unit="problem", disable=not progress) as bar:
             score = _scorer(pool, RewardFn(mode="accuracy", timeout=timeout / 2))  # the check gets half the limit
             for name, examples in benchmarks.items():
                 bar.set_description(f"eval {name}")
-                per_call = _prompts_per_call(batch_prompts, max_batch_rows, ks[name])
-                for b, start in enumerate(range(0, len(examples), per_call)):
-                    todo = [i for i in range(start, min(start + per_call, len(examples))) if (name, i) not in finished]
+                for b, start in enumerate(range(0, len(examples), batch_prompts)):
+                    todo = [i for i in range(start, min(start + batch_prompts, len(examples))) if (name, i) not in finished]
                     if todo:
                         batch = _sample_batch(sampler, score, tokenizer, name, examples, todo, ks[name], temps[name],
                                               _batch_seed(seed, name, b), settings)
@@ -130,10 +132,6 @@ def _sample_batch(sampler, score, tokenizer, name, examples, todo, k, temperatur
 
 def _scorer(pool: RewardPool, reward_fn):
     return lambda texts, golds: pool.score(reward_fn, texts, golds, 0).components
-
-
-def _prompts_per_call(batch_prompts: int, max_batch_rows: int | None, k: int) -> int:
-    return batch_prompts if max_batch_rows is None else max(1, min(batch_prompts, max_batch_rows // k))
 
 
 def _batch_seed(seed: int, name: str, batch: int) -> int:
@@ -239,7 +237,8 @@ def config_kwargs(cfg, benchmarks: dict) -> dict:
     temps = {n: ro.temperature if specs[n].temperature is None else specs[n].temperature for n in benchmarks}
     return dict(samples=samples, temperature=temps, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
                 prompt_style=dc.prompt_style, template=dc.template, max_prompt_tokens=dc.max_prompt_tokens,
-                batch_prompts=cfg.eval.batch_prompts, max_batch_rows=cfg.eval.max_batch_rows, seed=cfg.seed,
+                batch_prompts=cfg.eval.batch_prompts, kv_cache_gb=ro.kv_cache_gb, kv_cache_fraction=ro.kv_cache_fraction,
+                seed=cfg.seed,
                 num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks, max_path_tokens=ro.max_path_tokens,
                 prefill_rows=ro.prefill_rows, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
 

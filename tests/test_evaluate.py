@@ -239,8 +239,8 @@ def test_resume_after_interruption_redoes_nothing(monkeypatch, tmp_path, wtok):
     kw = dict(samples=2, max_new_tokens=6, prompt_style="none", batch_prompts=2, workers=0, progress=False)
     full = evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "full"), **kw)
     calls = count_prompts(monkeypatch, fail_after=1)
-    with pytest.raises(Interrupted):
-        evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "cut"), **kw)
+    with pytest.raises(Interrupted):  # resumed below under another KV budget: the samples do not change
+        evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "cut"), **kw, kv_cache_gb=1.2e-5)  # 2 rows
     assert calls == [2] and len(report.read_records(str(tmp_path / "cut" / "samples.jsonl"))) == 4
     calls = count_prompts(monkeypatch)
     resumed = evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "cut"), **kw)
