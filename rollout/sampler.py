@@ -209,7 +209,7 @@ class Sampler:
         need = (2 if n > 1 else 1) + (self.num_paths - 1 if structured else 0)
         if rows < need:
             row_mb = width * (per_token + 1) / 2**20
-            raise ValueError(f"the KV budget holds {rows} cache rows of {width} tokens ({row_mb:.1f} MiB each); "
+            raise ValueError(f"the KV budget holds {rows} cache rows of {width} tokens ({row_mb:.3g} MiB each); "
                              f"sampling needs at least {need} (a prompt's seed row and a sample"
                              f"{', plus the paths of a block' if structured else ''}): raise rollout.kv_cache_gb, "
                              "or lower rollout.max_new_tokens / data.max_prompt_tokens")
