@@ -202,8 +202,8 @@ def test_a_step_with_every_group_filtered_updates_nothing(tok, tags, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["num_tokens"], r["no_update"], r["frac_reward_zero_std"]) for r in rows] == [(0, 1, 1)] * 2
-    for key in ("loss", "policy_loss", "entropy", "grad_norm", "learning_rate", "skipped_update", "clip_ratio/low_mean",
-                "approx_kl", "sampler_logp_diff/max"):
+    for key in ("loss", "policy_loss", "entropy", "grad_norm", "learning_rate", "skipped_update",
+                "clip_ratio/low_mean", "approx_kl", "sampler_logp_diff/max"):
         assert key not in rows[0], key
 
 
@@ -254,8 +254,7 @@ def test_row_logprobs_do_not_depend_on_left_padding(tok):
             layer.self_attn.q_norm.weight.mul_(6.0)
             layer.self_attn.k_norm.weight.mul_(6.0)
     gen = torch.Generator().manual_seed(0)
-    prompt, response = torch.randint(5, 60, (6,), generator=gen).tolist(), torch.randint(5, 60, (30,), generator=gen).tolist()
-    long_prompt = torch.randint(5, 60, (1000,), generator=gen).tolist()
+    prompt, response, long_prompt = (torch.randint(5, 60, (n,), generator=gen).tolist() for n in (6, 30, 1000))
     cfg = toy_config(grpo={"micro_batch_tokens": 100_000})  # one micro-batch
     alone = batch_logprobs(model, pack_rows([prompt], [response], tok.pad_token_id), cfg, Dist())
     beside = batch_logprobs(model, pack_rows([prompt, long_prompt], [response, response[:3]], tok.pad_token_id),
