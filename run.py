@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from curriculum.summary import print_summary
     from curriculum.stages import run_pipeline
     from grpo.fsdp import close_distributed, init_distributed
-    from grpo.trainer import StopRequested
+    from grpo.loop import StopRequested
     d = init_distributed(cfg.model.device)
     try:
         summaries = run_pipeline(cfg, d)

@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from curriculum.config import build_config  # noqa: E402
 from grpo.fsdp import Dist  # noqa: E402
 from grpo.optim import build_optimizer  # noqa: E402
-from grpo.trainer import TrainState, grpo_step  # noqa: E402
+from grpo.loop import TrainState  # noqa: E402
+from grpo.trainer import grpo_step  # noqa: E402
 from model import build_model  # noqa: E402
 from model.tags import add_tag_tokens  # noqa: E402
 from model.tokenizer import build_word_tokenizer, newline_id  # noqa: E402

@@ -32,6 +32,7 @@ from .config import ConfigError, build_config, deep_merge, from_dict, parse_over
 from .data import DataError, load_examples
 from .prompts import encode_prompt, format_prompt
 from .report import EvalError, resume
+from .synthetic import synthetic_sets
 
 VARIANTS = ("causal", "structured")
 
@@ -222,7 +223,6 @@ def load_benchmarks(cfg, only: list[str] | None = None) -> dict:
         if only and name not in only:
             continue
         if spec.synthetic is not None:
-            from .stages import synthetic_sets
             out[name] = synthetic_sets(spec.synthetic)[:cfg.eval.limit]
         else:
             path = os.path.join(cfg.eval.data_dir, spec.path or f"{name}.jsonl")  # an absolute path stays

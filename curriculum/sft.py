@@ -17,11 +17,10 @@ from tqdm import tqdm
 from grpo import checkpoint as ckpt
 from grpo.batching import TrainBatch, aligned_micro_batches, pack_rows
 from grpo.fsdp import Dist, all_reduce, clip_grad_norm, gathered_for_sampling
-from grpo.logprobs import token_logprobs
+from grpo.loop import StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_or_stop
 from grpo.loss import aggregate
 from grpo.optim import build_optimizer
 from grpo.runlog import append_metrics, plot_metrics, truncate_metrics
-from grpo.trainer import TrainState, _StopFlag, make_sampler, save_or_stop
 from model.patch import structured_tags
 from model.tokenizer import decode_responses, stop_token_ids
 from rewards import parallel_stats
@@ -30,7 +29,7 @@ from rollout import sampler_layout
 from .data import PromptStream
 from .prompts import encode_prompt, encode_sft_example, format_prompt
 
-PLOTS = {"loss": ["loss", "val_loss"], "format": ["format_validity", "parallel_ratio"]}
+PLOTS = {"loss": ["loss", "eval_loss"], "format": ["format_validity", "parallel_ratio"]}
 
 
 def encode_examples(tokenizer, examples, cfg) -> list[tuple[list, list, list]]:
@@ -53,21 +52,14 @@ def sft_batch(rows, pad_id: int) -> TrainBatch:
     return pack_rows([r[0] for r in rows], [r[1] for r in rows], pad_id, loss_masks=[r[2] for r in rows])
 
 
-def _nll(model, mb: TrainBatch, d: Dist, chunk: int):
-    """(B, T) log-probs of a micro-batch under the (possibly structured) model."""
-    kw = {"response_start": mb.response_start} if structured_tags(model) is not None else {}
-    return token_logprobs(model, mb.input_ids.to(d.device), mb.attention_mask.to(d.device), chunk_size=chunk, **kw)
-
-
 def mean_nll(model, batch: TrainBatch, cfg, d: Dist, backward: bool = False) -> float:
     """Token-mean NLL of the batch over all ranks, micro-batch by micro-batch; with `backward`, its
     gradient is accumulated too (the SFT step); without it no autograd graph is built (the validation loss)."""
     num_tokens = all_reduce(batch.loss_mask.sum().float().to(d.device)).item()
     total = 0.0
-    for idx, weight in aligned_micro_batches(batch, cfg.sft.micro_batch_tokens, d.device):
-        mb = batch.select(idx)
+    for mb, _, weight in aligned_micro_batches(batch, cfg.sft.micro_batch_tokens, d.device):
         with torch.set_grad_enabled(backward):
-            logp = _nll(model, mb, d, cfg.grpo.logprob_chunk)
+            logp = micro_batch_logprobs(model, mb, d.device, chunk_size=cfg.grpo.logprob_chunk)  # (B, T)
             loss = aggregate(-logp, mb.loss_mask.to(logp.device), "token-mean", num_tokens=num_tokens)
         if backward:
             (loss * weight * d.world).backward()  # FSDP averages over ranks; the loss is a global mean already
@@ -101,7 +93,7 @@ def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int, co
 
 def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, compute_dtype=None) -> TrainState:
     """Run the SFT stage; returns the final loop state (checkpoints under run_dir/checkpoints).
-    `compute_dtype`: the model's compute dtype (the format check's KV cache; see grpo.trainer.make_sampler)."""
+    `compute_dtype`: the model's compute dtype (the format check's KV cache; see grpo.loop.make_sampler)."""
     s = cfg.sft
     if s.batch_size % d.world:
         raise ValueError(f"sft.batch_size={s.batch_size} must be a multiple of the world size {d.world}")
@@ -117,7 +109,7 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
     every = s.eval_every or steps_per_epoch
     model.train()
     bar = tqdm(range(state.step, steps), initial=state.step, total=steps, desc=cfg.name, disable=not d.main)
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for step in bar:
             t0 = time.perf_counter()
             batch = sft_batch([rows[i] for i in stream.next_batch(s.batch_size)[d.rank::d.world]], 0)
@@ -126,16 +118,18 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"SFT step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
                                          "lower optim.lr. The last checkpoint is intact.")
+            lr = opt.param_groups[0]["lr"]  # what this update uses; the schedule steps after it
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            tokens = all_reduce(batch.attention_mask.sum().float().to(d.device)).item()
-            m = {"step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0],
+            tokens, num_tokens = all_reduce(torch.stack([batch.attention_mask.sum(), batch.loss_mask.sum()])
+                                            .double().to(d.device)).tolist()
+            m = {"step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": num_tokens,
                  "tokens_per_s": tokens / (time.perf_counter() - t0)}
             state.step, state.feed = step + 1, stream.state_dict()
             last = state.step == steps
             if state.step % every == 0 or last:
-                m["val_loss"] = validation_loss(model, val_rows, cfg, d)
+                m["eval_loss"] = validation_loss(model, val_rows, cfg, d)
                 m.update(format_figures(model, tokenizer, tags, val[: s.eval_samples][d.rank::d.world], cfg, d,
                                         seed=cfg.seed + step, compute_dtype=compute_dtype))
             if d.main:

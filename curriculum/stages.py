@@ -25,6 +25,7 @@ from model.tokenizer import BASIC_WORDS, build_word_tokenizer
 
 from .config import Config, ConfigError, pipeline_stages, read_yaml, save_config
 from .data import PromptStream, load_examples, split_examples
+from .evaluate import load_benchmarks, stage_figures
 from .prompts import encode_prompt, format_prompt
 from . import synthetic
 
@@ -103,20 +104,10 @@ def make_model(cfg: Config, d: Dist, tokenizer, tags, init_dir: str | None, trai
     return model, compute
 
 
-def synthetic_sets(spec: dict, exclude=()) -> list:
-    """The demo task from a config dict: {difficulty, n, seed, solution?}."""
-    unknown = set(spec) - {"difficulty", "n", "seed", "solution"}
-    if unknown:
-        raise ValueError(f"data.synthetic: unknown keys {sorted(unknown)}; use difficulty, n, seed, solution")
-    return synthetic.make_problems(spec["n"], spec["difficulty"], spec.get("seed", 0), exclude=exclude,
-                                   solution=spec.get("solution"))
-
-
 def heldout_sets(cfg: Config) -> dict:
     """name -> examples of the held-out benchmarks in cfg.eval.benchmarks (files or synthetic)."""
     if not cfg.eval.benchmarks:
         return {}
-    from .evaluate import load_benchmarks
     return load_benchmarks(cfg)
 
 
@@ -124,7 +115,7 @@ def load_train_data(cfg: Config, heldout: dict):
     d = cfg.data
     if d.synthetic:
         exclude = [ex for exs in heldout.values() for ex in exs]
-        examples = synthetic_sets(d.synthetic, exclude)
+        examples = synthetic.synthetic_sets(d.synthetic, exclude)
     else:
         examples = load_examples(d.train, d.fields, d.limit, d.repair_latex_escapes)
     if d.val:
@@ -174,7 +165,6 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None) -> tuple[str, d
     final = export_final(model, tokenizer, cfg.run_dir, d)
     summary = {"init_from": init_dir, "seconds_train": time.perf_counter() - t0}
     if heldout:
-        from .evaluate import stage_figures
         summary.update(stage_figures(model, tokenizer, tags, heldout, cfg, d))
     summary["seconds"] = time.perf_counter() - t0
     if d.main:

@@ -30,13 +30,14 @@ def summary_table(summaries: dict) -> str:
 
 
 def pipeline_curves(cfg: Config) -> dict:
-    """metrics.jsonl of every stage laid end to end: key -> [(global step, value)], plus stage boundaries."""
+    """metrics.jsonl of every stage laid end to end: key -> [(global step, value)], plus stage boundaries.
+    "loss" is taken from SFT stages only: a GRPO stage's "loss" is its objective, on another scale."""
     curves, offset, bounds = {}, 0, []
     for stage in pipeline_stages(cfg):
         rows = read_metrics(stage.run_dir)
         for r in rows:
             for k, v in r.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and k != "step" and (k != "loss" or stage.kind == "sft"):
                     curves.setdefault(k, []).append((offset + r["step"], v))
         if rows:
             offset += rows[-1]["step"] + 1
@@ -58,7 +59,7 @@ def plot_pipeline(cfg: Config) -> list[str]:
                                                                            "format_validity"]),
                "response_length.png": ("response length (tokens)", ["completions/mean_length"]),
                "first_parallel_position.png": ("relative position of the first <Parallel>", ["first_block_position"]),
-               "sft_loss.png": ("SFT loss", ["loss", "val_loss"])}
+               "sft_loss.png": ("SFT loss", ["loss", "eval_loss"])}
     paths = []
     for name, (title, keys) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 3.4))

@@ -126,6 +126,16 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
     return out
 
 
+def synthetic_sets(spec: dict, exclude=()) -> list[Example]:
+    """The demo task from a config dict (data.synthetic or a benchmark's `synthetic`): {difficulty, n, seed,
+    solution?}."""
+    unknown = set(spec) - {"difficulty", "n", "seed", "solution"}
+    if unknown:
+        raise ValueError(f"data.synthetic: unknown keys {sorted(unknown)}; use difficulty, n, seed, solution")
+    return make_problems(spec["n"], spec["difficulty"], spec.get("seed", 0), exclude=exclude,
+                         solution=spec.get("solution"))
+
+
 def _signature(meta: dict) -> tuple:
     return meta["start"], tuple((sign, k) for sign, k, *_ in meta["ops"])  # the numbers, not the verbs
 

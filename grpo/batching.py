@@ -5,9 +5,12 @@ sampler log-probs are all aligned with `input_ids` column by column.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from .fsdp import all_reduce
 
 
 @dataclass(frozen=True)
@@ -20,16 +23,21 @@ class TrainBatch:
     response_start: int  # first response column
     prompt_len: torch.Tensor  # (N,) real prompt tokens per row
     response_len: torch.Tensor  # (N,) real response tokens per row
+    old_logp: torch.Tensor | None = None  # (N, T) log-probs before the step's updates; None: on-policy
+    ref_logp: torch.Tensor | None = None  # (N, T) the reference model's log-probs; None: no KL term
 
-    def select(self, rows: list) -> "TrainBatch":
+    def select(self, rows) -> "TrainBatch":
         """Rows `rows`, with the columns that are padding in all of them cut away."""
         idx = torch.as_tensor(rows, dtype=torch.long)
         left = self.response_start - int(self.prompt_len[idx].max())
         right = self.response_start + int(self.response_len[idx].max())
-        cols = slice(left, right)
-        return TrainBatch(self.input_ids[idx, cols], self.attention_mask[idx, cols], self.loss_mask[idx, cols],
-                          self.sampler_logp[idx, cols], self.advantages[idx], self.response_start - left,
-                          self.prompt_len[idx], self.response_len[idx])
+
+        def part(t):  # (len(rows), right - left)
+            return None if t is None else t[idx, left:right]
+
+        return TrainBatch(part(self.input_ids), part(self.attention_mask), part(self.loss_mask),
+                          part(self.sampler_logp), self.advantages[idx], self.response_start - left,
+                          self.prompt_len[idx], self.response_len[idx], part(self.old_logp), part(self.ref_logp))
 
 
 def make_batch(rollout, advantages: torch.Tensor, *, loss_on_forced: bool = False,
@@ -67,14 +75,15 @@ def micro_batches(prompt_len: torch.Tensor, response_len: torch.Tensor, budget: 
     return groups
 
 
-def aligned_micro_batches(batch: TrainBatch, budget: int, device) -> list[tuple[list, float]]:
-    """(rows, weight) micro-batches of `batch`; every rank gets the same count (FSDP forwards and backwards
-    are collectives), the ranks with fewer repeating their last micro-batch at weight 0."""
-    from .fsdp import all_reduce
-
+def aligned_micro_batches(batch: TrainBatch, budget: int, device) -> Iterator[tuple[TrainBatch, list, float]]:
+    """(micro-batch, its rows in `batch`, weight) to a budget of `budget` padded tokens, one at a time: the
+    micro-batch loop of GRPO and SFT. Every rank gets the same count (FSDP forwards and backwards are
+    collectives): the ranks with fewer repeat their last micro-batch at weight 0."""
     groups = micro_batches(batch.prompt_len, batch.response_len, budget)
     n = int(all_reduce(torch.tensor(float(len(groups)), device=device), op="max").item())
-    return [(groups[min(i, len(groups) - 1)], 1.0 if i < len(groups) else 0.0) for i in range(n)]
+    for i in range(n):
+        rows = groups[min(i, len(groups) - 1)]
+        yield batch.select(rows), rows, 1.0 if i < len(groups) else 0.0
 
 
 def pack_rows(prompts: list, responses: list, pad_id: int, loss_masks: list | None = None,

@@ -21,9 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import grpo.trainer  # noqa: E402
+import grpo.loop  # noqa: E402
 from grpo.fsdp import close_distributed, init_distributed, model_state_dict, parallelize  # noqa: E402
-from grpo.trainer import StopRequested, train_grpo  # noqa: E402
+from grpo.loop import StopRequested  # noqa: E402
+from grpo.trainer import train_grpo  # noqa: E402
 from model import add_tag_tokens, apply_structured_attention, build_model  # noqa: E402
 from model.tokenizer import build_word_tokenizer  # noqa: E402
 from rollout import Rollout, Sampler  # noqa: E402
@@ -90,7 +91,7 @@ class ReplaySampler:
     def __init__(self, rollouts: list, rank: int, world: int):
         self.rollouts, self.rank, self.world, self.calls = rollouts, rank, world, 0
 
-    def __call__(self, model, **kw):  # replaces the class in grpo.trainer: "constructing" gives self
+    def __call__(self, model, **kw):  # replaces the class in grpo.loop: "constructing" gives self
         return self
 
     def generate(self, prompts, n=1, **kw):
@@ -122,8 +123,8 @@ class BlockingReward(WordReward):
 
 
 def grads_scenario(spec: dict, d, tok, tags) -> None:
-    """accumulate_gradients over this rank's rows of a fixed batch (spec["batch"]: {batch, old_logp},
-    group-contiguous, group_size G), optionally with activation checkpointing; writes the full gradients
+    """accumulate_gradients over this rank's rows of a fixed batch (spec["batch"]: a TrainBatch with its
+    old_logp, group-contiguous, group_size G), optionally with activation checkpointing; writes the full gradients
     and the metrics (rank 0) and this rank's number of micro-batches."""
     from grpo.batching import micro_batches
     from grpo.trainer import accumulate_gradients
@@ -131,17 +132,16 @@ def grads_scenario(spec: dict, d, tok, tags) -> None:
     out = spec["out"]
     os.makedirs(out, exist_ok=True)
     cfg = toy_config(**spec.get("config", {}))
-    saved = torch.load(spec["batch"], weights_only=False)
-    batch, G = saved["batch"], cfg.rollout.group_size
+    batch, G = torch.load(spec["batch"], weights_only=False), cfg.rollout.group_size
     rows = [i * G + j for i in range(len(batch.advantages) // G)[d.rank::d.world] for j in range(G)]
     model = parallelize(build(spec.get("model", "tiny"), tok, tags), d,
                         activation_checkpointing=spec.get("activation_checkpointing", False)).train()
-    metrics = accumulate_gradients(model, batch, rows, saved["old_logp"], None, cfg, d)
+    sub = batch.select(rows)
+    metrics = accumulate_gradients(model, sub, cfg, d)
     grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # a collective
              for n, p in model.named_parameters()}
     if d.main:
         torch.save({"grads": grads, "metrics": metrics}, os.path.join(out, "grads.pt"))
-    sub = batch.select(rows)
     with open(os.path.join(out, f"rank{d.rank}.json"), "w") as f:
         groups = micro_batches(sub.prompt_len, sub.response_len, cfg.grpo.micro_batch_tokens)
         json.dump({"micro_batches": len(groups), "activation_checkpointing": model.is_gradient_checkpointing}, f)
@@ -159,9 +159,9 @@ def run_scenario(spec: dict, d, tok, tags) -> int:
         ref = parallelize(tiny(tok, seed=1), d, trainable=False)
     RecordingSampler.log.clear()
     if "replay" in spec:
-        grpo.trainer.Sampler = ReplaySampler(torch.load(spec["replay"], weights_only=False), d.rank, d.world)
+        grpo.loop.Sampler = ReplaySampler(torch.load(spec["replay"], weights_only=False), d.rank, d.world)
     else:
-        grpo.trainer.Sampler = RecordingSampler
+        grpo.loop.Sampler = RecordingSampler
     block = spec.get("block")
     reward = BlockingReward(block["at"], block["mode"], out, d.rank) if block else WordReward()
     facts, code = {}, 0
@@ -174,7 +174,7 @@ def run_scenario(spec: dict, d, tok, tags) -> int:
         facts["stopped"] = str(e)
         code = 143
     finally:
-        grpo.trainer.Sampler = Sampler
+        grpo.loop.Sampler = Sampler
     if "error" not in facts:
         full = model_state_dict(model)  # collectives: every rank takes part
         facts["sharded"] = all(hasattr(p, "placements") for p in model.parameters())  # DTensors: FSDP

@@ -18,7 +18,7 @@ import torch
 from grpo import checkpoint as ckpt
 from grpo.fsdp import Dist
 from grpo.optim import build_optimizer
-from grpo.trainer import TrainState
+from grpo.loop import TrainState
 
 from .dist_worker import PROBE, finish, log_tail, run, start
 from .test_trainer import tiny, toy_config

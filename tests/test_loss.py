@@ -218,3 +218,80 @@ def test_split_invariance(mode):
     torch.testing.assert_close(grads, whole.grad, atol=1e-6, rtol=1e-6)
     for k in metrics:
         torch.testing.assert_close(summed[k], metrics[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_rows_without_loss_tokens_are_not_sequences(mode):
+    """3 rows + 3 rows whose mask was zeroed (filtered groups, truncated responses) give the value and the
+    gradient of the 3 rows alone: the seq-mean modes count only rows with a loss token."""
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randn(6, 5, generator=gen)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    mask[3:] = False
+    six = values.clone().requires_grad_(True)
+    three = values[:3].clone().requires_grad_(True)
+    a, b = aggregate(six, mask, mode, norm_len=5), aggregate(three, mask[:3], mode, norm_len=5)
+    (a + b).backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(six.grad[:3], three.grad)
+    # seq-mean-token-mean by hand: row means (v00+v01+v02)/3, mean(v1), mean(v2), over 3 rows
+    if mode == "seq-mean-token-mean":
+        hand = (values[0, :3].mean() + values[1].mean() + values[2].mean()) / 3
+        torch.testing.assert_close(a.detach(), hand)
+
+
+# ---------------------------------------------------------------- a one-line edit of policy_loss
+
+def test_policy_loss_gets_the_real_log_probs(monkeypatch):
+    """An edit of policy_loss that reads logp or old_logp by value sees the real log-probs (0 at masked
+    positions, whatever garbage was there)."""
+    import grpo.loss
+
+    seen = {}
+
+    def recording(logp, old_logp, advantages, *args, **kw):
+        seen["logp"], seen["old_logp"] = logp.detach().clone(), old_logp.clone()
+        return policy_loss(logp, old_logp, advantages, *args, **kw)
+
+    monkeypatch.setattr(grpo.loss, "policy_loss", recording)
+    logp, _, adv, mask = clip_example()
+    logp[0, 6] = NAN  # garbage where the mask is 0
+    old = torch.full((1, 7), -0.7)
+    old[0, 6] = INF
+    grpo_objective(logp, old, adv, mask)
+    torch.testing.assert_close(seen["logp"], torch.where(mask, logp, torch.zeros(())))
+    torch.testing.assert_close(seen["old_logp"], torch.tensor([[-0.7] * 6 + [0.0]]))
+
+
+CLIP_LINE = "    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)\n"
+NO_CLIP = "    clipped = ratio  # (B, T) no clip\n"
+
+
+def edited_loss_module(line: str, replacement: str):
+    """grpo/loss.py with one line replaced (the README's "Changing the objective" edit), as a fresh module."""
+    import inspect
+    import types
+
+    import grpo.loss
+
+    source = inspect.getsource(grpo.loss)
+    assert source.count(line) == 1, "the README's one-line edit no longer matches grpo/loss.py: update both"
+    module = types.ModuleType("edited_loss")
+    exec(compile(source.replace(line, replacement), "grpo/loss.py (edited)", "exec"), module.__dict__)
+    return module
+
+
+def test_clip_metrics_follow_a_one_line_edit_that_drops_the_clip():
+    """Clip fractions are read off policy_loss: with the clip removed they drop to 0 (the dual clip, a
+    separate line, still acts) and the loss becomes the plain -rho*A."""
+    logp, old, adv, mask = clip_example()
+    _, before = grpo_objective(logp, old, adv, mask, clip_c=3.0)
+    assert before["clip_ratio/high_mean"] > 0 and before["clip_ratio/low_mean"] > 0
+    edited = edited_loss_module(CLIP_LINE, NO_CLIP)
+    loss, m = edited.grpo_objective(logp, old, adv, mask, clip_c=3.0)
+    assert m["clip_ratio/high_mean"] == 0 and m["clip_ratio/low_mean"] == 0 and m["clip_ratio/region_mean"] == 0
+    assert m["clip_ratio/dual_mean"].item() == pytest.approx(1 / 6)  # rho 5 at A = -1: capped at 3
+    # per-token losses -rho*A: -1.5, -0.5, 0.5, 1.5, 3 (dual), 0
+    assert loss.item() == pytest.approx((-1.5 - 0.5 + 0.5 + 1.5 + 3.0) / 6, rel=1e-6)
+    assert m["policy_loss"].item() == pytest.approx(loss.item())

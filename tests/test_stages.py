@@ -13,9 +13,10 @@ import yaml
 
 from curriculum.config import build_config
 from curriculum.data import load_examples
-from curriculum.sft import _nll, encode_examples, sft_batch, train_sft, validation_loss
+from curriculum.sft import encode_examples, sft_batch, train_sft, validation_loss
 from curriculum.synthetic import DEMO_WORDS, make_problems
 from grpo.fsdp import Dist
+from grpo.loop import micro_batch_logprobs
 from model import (add_tag_tokens, apply_structured_attention, build_model, build_structure_batch, load_model,
                    remove_structured_attention)
 from model.patch import structured_attention_mask
@@ -39,9 +40,9 @@ def test_sft_lowers_validation_loss_on_parallel_gsm8k(qwen_tok, tmp_path):
     before = validation_loss(model, encode_examples(tok, val, cfg), cfg, Dist())
     train_sft(cfg, model, tok, tags, train, val, str(tmp_path), Dist())
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    evals = [m for m in metrics if "val_loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
     assert [m["step"] for m in evals] == [2, 5]
-    assert evals[-1]["val_loss"] < before - 0.5, (before, evals)  # 11.94 -> 11.21 measured (seeded)
+    assert evals[-1]["eval_loss"] < before - 0.5, (before, evals)  # 11.94 -> 11.21 measured (seeded)
     assert 0.0 <= evals[-1]["format_validity"] <= 1.0
     assert os.path.exists(tmp_path / "checkpoints" / "step-6" / "manifest.json")
 
@@ -63,9 +64,9 @@ def test_structured_sft_batch_uses_the_structure():
     batch = sft_batch(rows, 0)
     model = build_model(dict(TINY, vocab_size=len(tok)), seed=0).eval()
     with torch.no_grad():
-        causal = _nll(model, batch, Dist(), 64)
+        causal = micro_batch_logprobs(model, batch, "cpu", chunk_size=64)
         apply_structured_attention(model, tags)
-        got = _nll(model, batch, Dist(), 64)
+        got = micro_batch_logprobs(model, batch, "cpu", chunk_size=64)
         s = build_structure_batch(batch.input_ids, tags, batch.attention_mask, response_start=batch.response_start)
         remove_structured_attention(model)
         logits = model(input_ids=batch.input_ids, position_ids=s.position_ids, use_cache=False,

@@ -3,15 +3,15 @@ its gradients, non-finite updates are skipped then fatal, the reference model ru
 import copy
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
 from curriculum.config import build_config
-from grpo.batching import make_batch
+from grpo.batching import make_batch, pack_rows
 from grpo.fsdp import Dist
-from grpo.trainer import accumulate_gradients, train_grpo
+from grpo.trainer import accumulate_gradients, batch_logprobs, train_grpo
 from model import apply_structured_attention, build_model
 from rollout import Sampler
 
@@ -89,9 +89,15 @@ def test_toy_reward_rises(tok, tags, tmp_path, variant):
     assert last > first + 0.5, (first, last)
     assert max(r["sampler_logp_diff/max"] for r in rows) < 1e-4  # on-policy all along
     for key in ("accuracy", "reward_std", "parallel_ratio", "completions/mean_length", "completions/clipped_ratio",
-                "frac_reward_zero_std", "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy", "grad_norm",
-                "learning_rate", "time/sample", "time/reward", "time/update", "tokens_per_s", "approx_kl"):
+                "completions/min_length", "completions/max_length", "frac_reward_zero_std", "clip_ratio/low_mean",
+                "clip_ratio/high_mean", "entropy", "grad_norm", "learning_rate", "time/sample", "time/reward",
+                "time/update", "tokens_per_s", "approx_kl", "loss", "policy_loss"):
         assert key in rows[-1], key
+    for r in rows:
+        assert r["no_update"] == 0 and r["num_tokens"] > 0
+        assert r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"]
+        if r["completions/clipped_ratio"] < 1:  # some responses ended with a stop token
+            assert 0 < r["completions/mean_terminated_length"] <= r["completions/max_length"]
     assert os.path.exists(tmp_path / "training.png")
     assert os.path.isdir(tmp_path / "checkpoints" / "step-30" / "model")  # the final checkpoint
 
@@ -122,11 +128,12 @@ def test_split_into_micro_batches_gives_the_same_gradients(tok, agg_mode):
     model = eos_leaning(tok)
     batch = rollout_batch(tok, model)
     old = batch.sampler_logp - 0.05 * torch.arange(batch.input_ids.shape[1])[None] / 10  # off-policy: ratios != 1
+    batch = replace(batch, old_logp=old)
     grads = []
     for budget in (100_000, 40):  # one micro-batch vs several
         cfg = toy_config(grpo={"micro_batch_tokens": budget, "agg_mode": agg_mode})
         m = copy.deepcopy(model).train()
-        metrics = accumulate_gradients(m, batch, list(range(8)), old, None, cfg, Dist())
+        metrics = accumulate_gradients(m, batch, cfg, Dist())
         grads.append(([p.grad.clone() for p in m.parameters()], metrics))
     (g1, m1), (g4, m4) = grads
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(g1, g4))
@@ -139,7 +146,7 @@ def test_structured_batch_trains_with_the_structure(tok, tags):
     model = apply_structured_attention(tiny(tok), tags)
     batch = rollout_batch(tok, model, structured=True, tags=tags)
     cfg = toy_config(variant="structured")
-    m = accumulate_gradients(model.train(), batch, list(range(8)), None, None, cfg, Dist())
+    m = accumulate_gradients(model.train(), batch, cfg, Dist())
     assert m["sampler_logp_diff/max"] < 1e-4
 
 
@@ -176,3 +183,81 @@ def test_batch_size_must_split_over_updates(tok, tags, tmp_path):
     cfg = toy_config(grpo={"prompts_per_step": 4, "mini_batch_prompts": 3})
     with pytest.raises(ValueError, match="multiple"):
         train_grpo(cfg, tiny(tok), tok, tags, toy_feed(tok), str(tmp_path), Dist(), reward_fn=WordReward())
+
+
+class ConstantReward:
+    """Every response scores 0: every group has zero reward spread."""
+
+    def __call__(self, response, gold, step):
+        return 0.0, {"accuracy": 0.0}
+
+
+def test_a_step_with_every_group_filtered_updates_nothing(tok, tags, tmp_path):
+    """filter_zero_std drops every group: the step logs num_tokens 0 and no_update 1, leaves out what only an
+    update measures, and the weights stay put (AdamW's weight decay would still move them)."""
+    cfg = toy_config(grpo={"steps": 2, "filter_zero_std": True}, optim={"lr": 1e-2, "weight_decay": 0.1})
+    model = tiny(tok)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_grpo(cfg, model, tok, tags, toy_feed(tok), str(tmp_path), Dist(), reward_fn=ConstantReward())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["num_tokens"], r["no_update"], r["frac_reward_zero_std"]) for r in rows] == [(0, 1, 1)] * 2
+    for key in ("loss", "policy_loss", "entropy", "grad_norm", "learning_rate", "skipped_update",
+                "clip_ratio/low_mean", "approx_kl", "sampler_logp_diff/max"):
+        assert key not in rows[0], key
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # 4-token responses: the <Parallel> panel is empty
+def test_lr_schedule_counts_updates(tok, tags, tmp_path):
+    """6 steps of 1, 2 and 4 updates each log the same per-step learning rate (the one of the step's last
+    update) for a linear schedule with 2 warm-up steps: the schedule spans the whole run whatever the split."""
+    lrs = {}
+    for mini_batch in (4, 2, 1):  # 1, 2 and 4 updates per step
+        cfg = toy_config(rollout={"group_size": 2, "max_new_tokens": 4},
+                         grpo={"steps": 6, "prompts_per_step": 4, "mini_batch_prompts": mini_batch},
+                         optim={"lr": 1e-3, "warmup_steps": 2, "schedule": "linear", "min_lr_ratio": 0.2})
+        out = tmp_path / str(mini_batch)
+        train_grpo(cfg, tiny(tok), tok, tags, toy_feed(tok), str(out), Dist(), reward_fn=WordReward())
+        lrs[mini_batch] = [json.loads(line)["learning_rate"] for line in open(out / "metrics.jsonl")]
+    # warm-up (s+1)/2, then 0.2 + 0.8 * (1 - (s - 1)/4)
+    expected = [5e-4, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4]
+    for mini_batch, got in lrs.items():
+        assert got == pytest.approx(expected, rel=1e-9), mini_batch
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_rows_without_loss_tokens_do_not_dilute_the_gradient(tok, agg_mode):
+    """3 rows + 3 rows whose loss mask was zeroed (filter_zero_std, mask_truncated) give the gradient of the
+    3 rows alone: only rows with a loss token count as sequences, over the whole update."""
+    model = eos_leaning(tok)
+    batch = rollout_batch(tok, model)
+    batch = replace(batch, old_logp=batch.sampler_logp - 0.05 * torch.arange(batch.input_ids.shape[1])[None] / 10)
+    six = batch.select(range(6))
+    six = replace(six, loss_mask=six.loss_mask * torch.tensor([1, 1, 1, 0, 0, 0])[:, None])
+    cfg = toy_config(grpo={"agg_mode": agg_mode})
+    grads = []
+    for part in (batch.select(range(3)), six):
+        m = copy.deepcopy(model).train()
+        accumulate_gradients(m, part, cfg, Dist())
+        grads.append([p.grad for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(*grads))
+    assert max(g.abs().max() for g in grads[0]) > 1e-4  # a real gradient
+
+
+def test_row_logprobs_do_not_depend_on_left_padding(tok):
+    """The causal trainer forward counts positions from each row's first token, as the sampler does: a row's
+    log-probs are the same alone and beside a 1000-token prompt (RoPE of shifted positions drifts in fp32:
+    7e-5 here without position ids)."""
+    model = tiny(tok)
+    with torch.no_grad():  # sharp attention, so that position errors show in the log-probs
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.mul_(6.0)
+            layer.self_attn.k_norm.weight.mul_(6.0)
+    gen = torch.Generator().manual_seed(0)
+    prompt, response, long_prompt = (torch.randint(5, 60, (n,), generator=gen).tolist() for n in (6, 30, 1000))
+    cfg = toy_config(grpo={"micro_batch_tokens": 100_000})  # one micro-batch
+    alone = batch_logprobs(model, pack_rows([prompt], [response], tok.pad_token_id), cfg, Dist())
+    beside = batch_logprobs(model, pack_rows([prompt, long_prompt], [response, response[:3]], tok.pad_token_id),
+                            cfg, Dist())
+    assert beside.shape[1] == 1000 + 30  # 994 columns of left padding before the short row
+    torch.testing.assert_close(beside[0, 1000 - 6 + 1:], alone[0, 1:], atol=2e-6, rtol=0)

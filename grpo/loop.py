@@ -1,0 +1,91 @@
+"""What the GRPO loop (grpo/trainer.py) and the SFT loop (curriculum/sft.py) share: the loop state a checkpoint
+carries, Ctrl-C / SIGTERM handling and the end-of-step save, a stage's sampler, and the forward that scores a
+micro-batch the way the sampler saw it."""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+import torch
+
+from model.patch import structured_tags
+from model.tokenizer import newline_id
+from rollout import Sampler
+
+from . import checkpoint as ckpt
+from .batching import TrainBatch
+from .fsdp import Dist, all_reduce
+from .logprobs import token_logprobs
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs besides model and optimizer to continue exactly."""
+    step: int = 0
+    bad_in_a_row: int = 0
+    skipped: int = 0
+    feed: dict = field(default_factory=dict)
+
+
+class StopRequested(Exception):
+    """Ctrl-C / SIGTERM: the run saved a checkpoint and stops."""
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves and stops at the end of the step. A second Ctrl-C
+    abandons the step at once (KeyboardInterrupt): the last checkpoint stays the latest complete one."""
+
+    def __enter__(self):
+        self.flag, self.old = False, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self, d: Dist) -> bool:
+        flag = torch.tensor(float(self.flag), device=d.device)
+        return bool(all_reduce(flag, op="max").item())  # every rank stops at the same step
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop: StopFlag, last: bool) -> None:
+    """End of a step (GRPO and SFT alike): a checkpoint when one is due, at the last step, or when Ctrl-C /
+    SIGTERM asked to stop (all ranks decide together); then StopRequested if asked before the last step."""
+    stopping = stop.requested(d)
+    if stopping or last or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+        ckpt.save(run_dir, cfg, model, opt, sched, state, d, tokenizer)
+    if stopping and not last:
+        raise StopRequested(f"stopped at step {state.step}; checkpoint saved in {run_dir}/checkpoints")
+
+
+def make_sampler(model, tokenizer, tags, ro, compute_dtype=None) -> Sampler:
+    """The sampler of a stage, from its `rollout` config. `compute_dtype` is the KV cache's dtype: under FSDP
+    mixed precision the (fp32) sharded parameters do not tell it."""
+    return Sampler(model, tags=tags, pad_id=tokenizer.pad_token_id, newline_id=newline_id(tokenizer),
+                   num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks,
+                   max_path_tokens=ro.max_path_tokens, prefill_rows=ro.prefill_rows, dtype=compute_dtype)
+
+
+def micro_batch_logprobs(model, mb: TrainBatch, device, *, temperature: float = 1.0, chunk_size: int = 1024,
+                         with_entropy: bool = False):
+    """token_logprobs of a micro-batch (B, T) as the sampler computed them: a causal model gets positions
+    counted from each row's first real token, as the sampler's prefill does, so a row's log-probs do not
+    depend on how much left padding its micro-batch has (RoPE is shift-invariant only in exact arithmetic:
+    fp32 drifts with the shift); a structured model builds its positions and path mask from the tags."""
+    ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)  # (B, T)
+    if structured_tags(model) is not None:
+        kw = {"response_start": mb.response_start}  # tags inside the prompt stay plain text
+    else:
+        kw = {"position_ids": (attn.long().cumsum(1) - 1).clamp(min=0)}  # (B, T)
+    return token_logprobs(model, ids, attn, temperature=temperature, chunk_size=chunk_size,
+                          with_entropy=with_entropy, **kw)
