@@ -69,11 +69,10 @@ def save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop: Sto
 
 
 def make_sampler(model, tokenizer, tags, ro, compute_dtype=None) -> Sampler:
-    """The sampler of a stage, from its `rollout` config. `compute_dtype` is the KV cache's dtype: under FSDP
-    mixed precision the (fp32) sharded parameters do not tell it."""
-    return Sampler(model, tags=tags, pad_id=tokenizer.pad_token_id, newline_id=newline_id(tokenizer),
-                   num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks,
-                   max_path_tokens=ro.max_path_tokens, prefill_rows=ro.prefill_rows, dtype=compute_dtype)
+    """The sampler of a stage, from its `rollout` config section (limits and KV budget). `compute_dtype` is the
+    KV cache's dtype: under FSDP mixed precision the (fp32) sharded parameters do not tell it."""
+    return Sampler.from_section(model, tags, ro, pad_id=tokenizer.pad_token_id, newline_id=newline_id(tokenizer),
+                                dtype=compute_dtype)
 
 
 def micro_batch_logprobs(model, mb: TrainBatch, device, *, temperature: float = 1.0, chunk_size: int = 1024,

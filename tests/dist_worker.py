@@ -94,6 +94,9 @@ class ReplaySampler:
     def __call__(self, model, **kw):  # replaces the class in grpo.loop: "constructing" gives self
         return self
 
+    def from_section(self, model, *a, **kw):
+        return self
+
     def generate(self, prompts, n=1, **kw):
         full = self.rollouts[self.calls]
         self.calls += 1
