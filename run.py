@@ -33,9 +33,10 @@ def main(argv=None) -> int:
         from curriculum.evaluate import cli
         return cli(argv[1:])
     args = parse_args(argv)
-    if not args.dry_run and (args.world_size or args.device_memory):
-        print("--world-size and --device-memory plan a dry run (--dry-run); a real run uses torchrun's world size "
-              "and the CUDA device found", file=sys.stderr)
+    bad_world = args.world_size is not None and args.world_size < 1
+    if bad_world or (not args.dry_run and (args.world_size or args.device_memory)):
+        print("--world-size N (N >= 1) and --device-memory SIZE plan a dry run (--dry-run); a real run uses torchrun's "
+              "world size and the CUDA device found", file=sys.stderr)
         return 2
     from curriculum.config import ConfigError, load_config, pipeline_stages, to_dict
     try:

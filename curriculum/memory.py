@@ -1,5 +1,5 @@
-"""The memory plan per rank (issue 15; DESIGN.md rollout/sampler.py "Memory"): what a stage holds on one device while
-sampling and while updating, from the model's config.json alone (no weights, no model built), against a device size.
+"""The memory plan per rank (issue 15; DESIGN.md rollout/sampler.py "Memory"): what a stage holds on one
+device while sampling and while updating, from the model's config.json alone (no weights, no model built).
 `run.py --dry-run` prints it; a run that cannot fit stops before any work with one message naming the knob. The
 figures follow the code (curriculum/stages.py make_model, grpo/fsdp.py, grpo/logprobs.py, rollout/cache.py);
 tests/test_memory.py measures them on CPU."""
@@ -24,7 +24,6 @@ GiB = 2**30
 CUDA_RESERVE_BYTES = 3 * GiB
 PREFETCHED_LAYERS = 2  # FSDP2 holds the decoder layer computing and the next one, prefetched
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DENSE_MASK = ("sdpa", "eager")  # attentions that take a dense (B, 1, T, T) mask on padded batches
 
 
 @dataclass(frozen=True)
@@ -99,11 +98,11 @@ def activation_bytes(a: Arch, tokens: int, row_tokens: int, e: int, attn: str, c
     through the model and the chunked log-prob head (grpo/logprobs.py: the final norm, the head's input, targets,
     logsumexp and entropy per token, never the logits). With activation checkpointing each decoder layer keeps
     only what it is called with: the hidden states, the mask, the rotary tables and the position ids."""
-    head = a.hidden * (4 + e) + 4 + a.hidden * e + 8 + 4 + (4 if entropy else 0)
-    outside = tokens * (head + 8 + 2 * a.head_dim * e)  # + the embedding's ids, rotary cos and sin
+    head = a.hidden * (4 + e) + 4 + a.hidden * e + 8 + 4 + (4 if entropy else 0)  # final norm; head input, target,
+    outside = tokens * (head + 8 + 2 * a.head_dim * e)  # logsumexp, entropy; the embedding's ids; rotary cos, sin
     if not checkpointing:
         return a.layers * layer_activation_bytes(a, tokens, row_tokens, e, attn) + outside
-    mask = (row_tokens if attn == "sdpa" else row_tokens * e) if attn in DENSE_MASK else 0  # bool / float (eager)
+    mask = {"sdpa": row_tokens, "eager": row_tokens * e}.get(attn, 0)  # the dense mask: bool, float for eager
     return tokens * (a.layers * a.hidden * e + 8 + mask) + outside
 
 
@@ -286,14 +285,15 @@ def fit_problem(plan: MemoryPlan, cfg: Config, free: int, row_tokens: int, fits)
         return (f"the KV budget ({plan.kv_budget_source}: {_gib(plan.kv_budget)}) holds {plan.kv_rows} cache "
                 f"row{'s' * (plan.kv_rows != 1)} of {plan.kv_width} tokens (data.max_prompt_tokens + "
                 f"rollout.max_new_tokens), but a group needs {plan.kv_min_rows} at once: {knob}")
-    if plan.peak_sampling > dev:  # with kv_cache_gb: a budget from kv_cache_fraction leaves (1 - fraction) free
+    if plan.peak_sampling > dev:  # (a fraction-set budget leaves 1 - fraction free)
         if ro.kv_cache_gb is not None:
             return (f"rollout.kv_cache_gb {ro.kv_cache_gb:g} does not fit beside {beside} and the sampling working "
                     f"set ({_gib(work)}) {on}: lower it to at most {(free - work) / GiB:.1f} or unset it")
-        return (f"rollout.kv_cache_fraction {ro.kv_cache_fraction:g} leaves {_gib((1 - ro.kv_cache_fraction) * free)}"
-                f" beside the KV pool, but sampling needs {_gib(work)} (a prefill of {plan.prefill[0]} prompts x "
-                f"{plan.prefill[1]} tokens): lower rollout.kv_cache_fraction to at most {1 - work / free:.2f} or "
-                f"rollout.prefill_rows (now {ro.prefill_rows})")
+        left = _gib((1 - ro.kv_cache_fraction) * free)
+        return (f"rollout.kv_cache_fraction {ro.kv_cache_fraction:g} leaves {left} beside the KV pool, but sampling "
+                f"needs {_gib(work)} (a prefill of {plan.prefill[0]} prompts x {plan.prefill[1]} tokens): lower "
+                f"rollout.kv_cache_fraction to at most {1 - work / free:.2f} or rollout.prefill_rows (now "
+                f"{ro.prefill_rows})")
     if plan.peak_update <= dev:
         return None
     ckpt = plan.checkpointing
@@ -336,8 +336,8 @@ def format_plan(plan: MemoryPlan) -> str:
               f"{plan.kv_rows} samples in flight, ~{plan.kv_rows // paths} while all have a block open")
     row("KV pool (sampling)", plan.kv_pool, f"budget {plan.kv_budget / GiB:.2f} GiB ({plan.kv_budget_source}): "
         f"{plan.kv_bytes_per_token / 1024:g} KiB per token, rows of {plan.kv_width} tokens")
-    lines.append(f"  {'':41}{plan.kv_rows} rows = {flight}; the largest call samples {plan.kv_samples} "
-                 f"({waves} wave{'s' * (waves > 1)}); a group needs {plan.kv_min_rows} at once")
+    lines.append(f"  {'':41}{plan.kv_rows} rows = {flight}; the largest sampler call (a step or the evaluation) "
+                 f"{plan.kv_samples} samples ({waves} wave{'s' * (waves > 1)}); a group needs {plan.kv_min_rows} rows")
     row("sampling working set", plan.sampling_work,
         f"prefill of {plan.prefill[0]} prompts x {plan.prefill[1]} tokens (or a decode step's logits)")
     row("FSDP units (update)", plan.fsdp_units,
@@ -389,7 +389,7 @@ def stage_plans(stages: list, world_size: int = 1, device_bytes: int | None = No
     for stage in stages:
         try:
             earlier[stage.name] = model_config = stage_model_config(stage, earlier)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:  # not there yet (an earlier stage's output), or unreadable
             out.append((stage, f"memory plan of {stage.name}: no model config.json yet ({e}); pass "
                                "--set init_from=DIR or --set model.path=DIR (a directory holding config.json)"))
             continue

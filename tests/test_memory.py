@@ -4,6 +4,7 @@ for backward), the stage-2 plan of a Qwen3-4B-shaped model checked by hand, and 
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -257,3 +258,21 @@ def test_parse_bytes():
     for bad in ("80XB", "lots", "-1GB"):
         with pytest.raises(ValueError, match="is not a size"):
             parse_bytes(bad)
+
+
+@pytest.mark.slow
+def test_sharded_states_and_gathered_copy_on_two_ranks(tmp_path):
+    """FSDP2 on 2 gloo ranks: float32 shards of parameters, gradients and AdamW states, and the full copy
+    gathered for sampling, as each rank holds them (tests/memory_worker.py)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), os.path.join(ROOT, "tests", "memory_worker.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = memory_plan(small_config(), SMALL, world_size=2)
+    for rank in (0, 1):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for key in ("parameters", "gradients", "optimizer", "gathered"):
+            assert within(measured[key], getattr(plan, key)), (rank, key)
