@@ -9,7 +9,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import Qwen3Config
 
@@ -257,7 +257,7 @@ def memory_plan(cfg: Config, model_config: dict, world_size: int = 1, device_byt
         return plan
     fixed = plan.peak_update - (act_ckpt if plan.checkpointing else act)
     fits = lambda n, ckpt: fixed + activations(n, ckpt)[1] <= device_bytes  # noqa: E731
-    return MemoryPlan(**{**plan.__dict__, "problem": fit_problem(plan, cfg, free, row_tokens, fits)})
+    return replace(plan, problem=fit_problem(plan, cfg, free, row_tokens, fits))
 
 
 def _gib(n: float) -> str:

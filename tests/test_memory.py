@@ -2,7 +2,6 @@
 (parameters, gradients and AdamW states after a step; a StaticKV of the plan's rows; the storages autograd keeps
 for backward), the stage-2 plan of a Qwen3-4B-shaped model checked by hand, and run.py's fit verdict."""
 import json
-import math
 import os
 import socket
 import subprocess
