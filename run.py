@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -17,7 +18,11 @@ def parse_args(argv):
     ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (a bare name resolves into configs/)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, dotted for sections (repeatable): --set grpo.clip_high=0.28")
-    ap.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+    ap.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and the memory plan "
+                    "per rank of each stage, then exit")
+    ap.add_argument("--world-size", type=int, help="dry run: ranks to plan memory for (a real run: torchrun's)")
+    ap.add_argument("--device-memory", metavar="SIZE", help="dry run: plan for GPUs of SIZE (80GB = 80e9 bytes, "
+                    "80GiB, or bytes; an H100 has 79.2GiB); default: the CUDA device found, else CPU (no fit check)")
     ap.add_argument("--quick", action="store_true", help="apply the config's `quick:` block (a fast smoke run)")
     return ap.parse_args(argv)
 
@@ -28,6 +33,11 @@ def main(argv=None) -> int:
         from curriculum.evaluate import cli
         return cli(argv[1:])
     args = parse_args(argv)
+    bad_world = args.world_size is not None and args.world_size < 1
+    if bad_world or (not args.dry_run and (args.world_size or args.device_memory)):
+        print("--world-size N (N >= 1) and --device-memory SIZE plan a dry run (--dry-run); a real run uses torchrun's "
+              "world size and the CUDA device found", file=sys.stderr)
+        return 2
     from curriculum.config import ConfigError, load_config, pipeline_stages, to_dict
     try:
         cfg = load_config(args.config, args.set, args.quick)
@@ -35,12 +45,24 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from curriculum.memory import first_problem, format_plan, parse_bytes, run_device_bytes, stage_plans
+    try:  # the memory plan: a config that cannot fit stops here, before any work
+        device = parse_bytes(args.device_memory) if args.device_memory else run_device_bytes(cfg.model.device)
+    except ValueError as e:
+        print(f"--device-memory: {e}", file=sys.stderr)
+        return 2
+    plans = stage_plans(stages, args.world_size or int(os.environ.get("WORLD_SIZE", 1)), device)
     if args.dry_run:
         import yaml
-        for stage in stages:
+        for stage, plan in plans:
             print(f"# --- {stage.name} ({stage.kind}, {stage.variant}) -> {stage.run_dir}")
             print(yaml.safe_dump(to_dict(stage), sort_keys=False))
-        return 0
+            print(plan if isinstance(plan, str) else format_plan(plan), end="\n\n")
+    problem = first_problem(plans)
+    if problem and os.environ.get("RANK", "0") == "0":
+        print(f"memory: {problem}", file=sys.stderr)
+    if problem or args.dry_run:
+        return 2 if problem else 0
     from curriculum.summary import print_summary
     from curriculum.stages import run_pipeline
     from grpo.fsdp import close_distributed, init_distributed

@@ -1,0 +1,428 @@
+"""The memory plan per rank (issue 15; DESIGN.md rollout/sampler.py "Memory"): what a stage holds on one
+device while sampling and while updating, from the model's config.json alone (no weights, no model built).
+`run.py --dry-run` prints it; a run that cannot fit stops before any work with one message naming the knob. The
+figures follow the code (curriculum/stages.py make_model, grpo/fsdp.py, grpo/logprobs.py, rollout/cache.py);
+tests/test_memory.py measures them on CPU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+
+from transformers import Qwen3Config
+
+from model.load import resolve_attention
+from rollout.cache import kv_budget_bytes, kv_bytes_per_token, pool_rows
+
+from .config import Config
+
+GiB = 2**30
+# Beside our tensors a CUDA rank holds its context (~0.5 GiB), NCCL buffers, cuBLAS workspaces and what the
+# caching allocator loses to fragmentation: a fixed allowance, not a measurement.
+CUDA_RESERVE_BYTES = 3 * GiB
+PREFETCHED_LAYERS = 2  # FSDP2 holds the decoder layer computing and the next one, prefetched
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes of a Qwen3ForCausalLM that memory depends on."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: bool = False
+
+    @classmethod
+    def from_config(cls, raw: dict) -> "Arch":
+        """From config.json fields (missing ones take Qwen3Config's defaults, as make_model's build does)."""
+        c = Qwen3Config.from_dict(raw)
+        return cls(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                   c.num_key_value_heads, c.head_dim, c.vocab_size, c.tie_word_embeddings, c.attention_bias)
+
+    def param_shapes(self) -> dict:
+        """name -> shape of every parameter, as model.named_parameters() lists them (a tied head once)."""
+        h, hd, i = self.hidden, self.head_dim, self.intermediate
+        q, kv = self.heads * hd, self.kv_heads * hd
+        layer = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+                 "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
+                 "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+        if self.attention_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (h,)})
+        shapes = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}
+        shapes.update({f"model.layers.{n}.{k}": s for n in range(self.layers) for k, s in layer.items()})
+        if not self.tied:
+            shapes["lm_head.weight"] = (self.vocab, h)
+        return shapes
+
+    def numel(self, world: int = 1, part: str = "all") -> int:
+        """Elements per rank when each parameter's dim 0 is sharded over `world` ranks (FSDP2 pads it to a
+        multiple of the world size). part: "all", "layer" (one decoder layer) or "root" (the rest)."""
+        keep = {"all": lambda n: True, "root": lambda n: not n.startswith("model.layers."),
+                "layer": lambda n: n.startswith("model.layers.0.")}[part]
+        return sum(math.ceil(s[0] / world) * math.prod(s[1:]) for n, s in self.param_shapes().items() if keep(n))
+
+
+# --- activations of one micro-batch (checked against torch's saved tensors in tests/test_memory.py) ------------
+
+def layer_activation_bytes(a: Arch, tokens: int, row_tokens: int, e: int, attn: str) -> int:
+    """Bytes one decoder layer saves for backward over `tokens` tokens in rows of `row_tokens`, compute dtype of
+    `e` bytes. RMSNorm keeps its float32 input, its normalised output and 1/rms; the q/k/v and gate/up
+    projections each read one normalised input; the MLP keeps SiLU's input and output, up's output and their
+    product. Dense-mask attention (padded batches) repeats K and V to every query head and converts the bool mask
+    to the compute dtype in every layer; flash-attn and flex keep K and V at their own heads and no dense mask."""
+    h, q, kv, i = a.hidden, a.heads * a.head_dim, a.kv_heads * a.head_dim, a.intermediate
+    norms = 2 * (h * (4 + e) + 4) + q * (4 + e) + a.heads * 4 + kv * (4 + e) + a.kv_heads * 4  # 2 layer + q/k norms
+    per_token = norms + 2 * h * e + 4 * i * e
+    if attn == "sdpa":
+        per_token += 4 * q * e + a.heads * 4 + row_tokens * e  # q, K, V, output (o_proj's input); logsumexp; mask
+    elif attn == "eager":  # q, K, V, o_proj's input; float32 probabilities (and their cast to the compute dtype)
+        per_token += 4 * q * e + a.heads * row_tokens * (4 if e == 4 else 4 + e)
+    else:  # q, K, V, output and o_proj's input (a transposed copy); logsumexp
+        per_token += 3 * q * e + 2 * kv * e + a.heads * 4
+    return tokens * per_token
+
+
+def activation_bytes(a: Arch, tokens: int, row_tokens: int, e: int, attn: str, checkpointing: bool,
+                     entropy: bool = True) -> int:
+    """Bytes saved for backward (or kept for recomputation) by one forward of a micro-batch of `tokens` tokens
+    through the model and the chunked log-prob head (grpo/logprobs.py: the final norm, the head's input, targets,
+    logsumexp and entropy per token, never the logits). With activation checkpointing each decoder layer keeps
+    only what it is called with: the hidden states, the mask, the rotary tables and the position ids."""
+    head = a.hidden * (4 + e) + 4 + a.hidden * e + 8 + 4 + (4 if entropy else 0)  # final norm; head input, target,
+    outside = tokens * (head + 8 + 2 * a.head_dim * e)  # logsumexp, entropy; the embedding's ids; rotary cos, sin
+    if not checkpointing:
+        return a.layers * layer_activation_bytes(a, tokens, row_tokens, e, attn) + outside
+    mask = {"sdpa": row_tokens, "eager": row_tokens * e}.get(attn, 0)  # the dense mask: bool, float for eager
+    return tokens * (a.layers * a.hidden * e + 8 + mask) + outside
+
+
+def backward_work_bytes(a: Arch, tokens: int, row_tokens: int, e: int, attn: str, checkpointing: bool,
+                        chunk: int) -> int:
+    """Transient bytes on top of the saved activations during backward: the larger of the log-prob head's
+    backward (two float32 (chunk, V) logits buffers, the float32 head-weight gradient, the hidden-state gradient)
+    and one decoder layer's backward (its gradient buffers, about its saved size; with checkpointing its
+    recomputed activations too)."""
+    head = 2 * min(chunk, tokens) * a.vocab * 4 + a.vocab * a.hidden * 4 + tokens * a.hidden * e
+    layer = layer_activation_bytes(a, tokens, row_tokens, e, attn) * (2 if checkpointing else 1)
+    return max(head, layer)
+
+
+def sampling_work_bytes(a: Arch, prefill_prompts: int, prompt_tokens: int, rows: int, e: int) -> int:
+    """Transient bytes while sampling (no autograd; the sampler decodes with SDPA): the larger of a prefill
+    forward of `prefill_prompts` x `prompt_tokens` (residual stream, one layer's MLP intermediates or its
+    attention with repeated K/V and the mask) and a decode step's float32 logits over `rows` rows."""
+    h, q, i = a.hidden, a.heads * a.head_dim, a.intermediate
+    per_token = 2 * h * e + h * 4 + max(3 * i * e, 4 * q * e + prompt_tokens * (1 + e))
+    return max(prefill_prompts * prompt_tokens * per_token, rows * a.vocab * (e + 16))
+
+
+# --- the plan ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-rank bytes of one stage, and whether its peaks fit `device_bytes` (None: CPU ranks, not checked)."""
+    stage: str
+    kind: str
+    structured: bool
+    num_paths: int
+    world: int
+    device_bytes: int | None
+    compute_dtype: str
+    attention: str
+    num_params: int
+    parameters: int  # sharded parameters (fp32 master weights under FSDP; the dtype loaded in one process)
+    gradients: int
+    optimizer: int  # AdamW exp_avg + exp_avg_sq
+    reference: int  # the frozen reference model (grpo.kl_coef > 0)
+    gathered: int  # full parameters in the compute dtype while sampling (FSDP only)
+    kv_budget: int
+    kv_budget_source: str  # how the budget was set
+    kv_width: int  # slots per cache row: data.max_prompt_tokens + rollout.max_new_tokens
+    kv_bytes_per_token: int
+    kv_rows: int  # rows of kv_width that fit the budget
+    kv_samples: int  # samples of the largest sampler call a rank makes
+    kv_min_rows: int  # rows its largest group needs at once
+    prefill: tuple  # (prompts, tokens) of the largest prefill forward
+    sampling_work: int
+    fsdp_units: int  # FSDP units gathered at once during the update, with their unsharded gradients
+    micro_batch_tokens: int  # tokens of the largest micro-batch (at least one full row)
+    checkpointing: bool  # model.gradient_checkpointing: which activation figure applies
+    saved: int  # activations saved for backward, without activation checkpointing
+    saved_ckpt: int  # the same with it
+    activations: int  # saved + the backward working set, without activation checkpointing
+    activations_ckpt: int  # the same with it
+    reserve: int  # CUDA context and allocator allowance
+    problem: str | None = None  # the one message when it cannot fit
+
+    @property
+    def kv_pool(self) -> int:
+        """Bytes of K, V and the valid mask of the pool's rows (rollout.cache.StaticKV) at most: the rows that fit
+        the budget, or fewer when the largest call samples fewer (structured: num_paths rows per sample)."""
+        paths = self.num_paths if self.structured else 1
+        return min(self.kv_rows, self.kv_samples * paths) * self.kv_width * (self.kv_bytes_per_token + 1)
+
+    @property
+    def micro_batch_key(self) -> str:
+        return f"{self.kind}.micro_batch_tokens"
+
+    @property
+    def resident(self) -> int:
+        """What stays on the device through the whole step: parameters, optimizer states, the reference model."""
+        return self.parameters + self.optimizer + self.reference
+
+    @property
+    def peak_sampling(self) -> int:
+        return self.reserve + self.resident + self.gathered + self.kv_pool + self.sampling_work
+
+    @property
+    def peak_update(self) -> int:
+        act = self.activations_ckpt if self.checkpointing else self.activations
+        return self.reserve + self.resident + self.gradients + self.fsdp_units + act
+
+
+def sampling_calls(cfg: Config, world: int) -> tuple[int, int, int]:
+    """(prompts, samples, largest group) of the largest sampler call a rank makes in a stage: a GRPO step or
+    SFT's format check, and the stage's held-out evaluation when it has one."""
+    if cfg.kind == "grpo":
+        prompts, group = max(1, cfg.grpo.prompts_per_step // world), cfg.rollout.group_size
+    else:
+        prompts, group = max(1, math.ceil(cfg.sft.eval_samples / world)), 1
+    calls = [(prompts, prompts * group, group)]
+    if cfg.eval.benchmarks:
+        k = max(cfg.eval.samples or (b or {}).get("samples") or 1 for b in cfg.eval.benchmarks.values())
+        calls.append((cfg.eval.batch_prompts, cfg.eval.batch_prompts * k, k))
+    return tuple(max(call[i] for call in calls) for i in range(3))
+
+
+def memory_plan(cfg: Config, model_config: dict, world_size: int = 1, device_bytes: int | None = None
+                ) -> MemoryPlan:
+    """The memory plan of one stage (a resolved sft or grpo Config) per rank. `model_config`: the model's
+    config.json as a dict. `device_bytes`: the device's size; given, the plan is for CUDA ranks (compute in
+    model.dtype) and says whether it fits; None: CPU ranks (float32, rollout.cache's CPU budget), unchecked."""
+    a, cuda, w, ro = Arch.from_config(model_config), device_bytes is not None, world_size, cfg.rollout
+    structured, grpo = cfg.variant == "structured", cfg.kind == "grpo"
+    compute = cfg.model.dtype if cuda else "float32"  # make_model: CPU ranks compute in float32
+    e = DTYPE_BYTES[compute]
+    master = 4 if w > 1 else e  # FSDP keeps float32 master shards; one process keeps the dtype it loaded
+    params = a.numel(w) * master
+    reference = params if grpo and cfg.grpo.kl_coef > 0 else 0
+    gathered = a.numel() * e if w > 1 else 0
+    # the root unit (embeddings, head, final norm) stays gathered from forward to backward with its gradient;
+    # each prefetched layer has its unsharded gradient too and the float32 copy FSDP reduce-scatters
+    units = a.numel(part="root") * 2 * e + PREFETCHED_LAYERS * a.numel(part="layer") * (2 * e + 4) if w > 1 else 0
+    reserve = CUDA_RESERVE_BYTES if cuda else 0
+    width = cfg.data.max_prompt_tokens + ro.max_new_tokens
+    bpt = kv_bytes_per_token(a.layers, a.kv_heads, a.head_dim, e)
+    # free when sampling starts: gradients are freed after each update (zero_grad(set_to_none=True))
+    free = device_bytes - reserve - params * 3 - reference - gathered if cuda else None  # params + 2 AdamW states
+    if ro.kv_cache_gb is not None or not cuda:
+        budget = kv_budget_bytes(ro.kv_cache_gb, ro.kv_cache_fraction, "cpu")
+        source = "the CPU default" if ro.kv_cache_gb is None else f"rollout.kv_cache_gb {ro.kv_cache_gb:g}"
+    else:  # kv_budget_bytes on CUDA, with the memory free when sampling starts predicted
+        budget = int(ro.kv_cache_fraction * max(free, 0))
+        source = f"rollout.kv_cache_fraction {ro.kv_cache_fraction:g} of {free / GiB:.1f} GiB free"
+    rows = pool_rows(budget, width, bpt)
+    prompts, samples, group = sampling_calls(cfg, w)
+    prefill = (min(ro.prefill_rows, prompts), cfg.data.max_prompt_tokens)
+    row_tokens = width if grpo else cfg.sft.max_total_tokens
+    tokens = max(cfg.grpo.micro_batch_tokens if grpo else cfg.sft.micro_batch_tokens, row_tokens)
+    attn = cfg.model.attn_implementation  # what a training forward runs; "auto" as model.load resolves it
+    attn = resolve_attention(attn, "cuda" if cuda else "cpu", structured) if attn == "auto" else attn
+
+    def activations(n: int, ckpt: bool) -> tuple[int, int]:  # (saved, saved + backward working set)
+        saved = activation_bytes(a, n, row_tokens, e, attn, ckpt, entropy=grpo)
+        return saved, saved + backward_work_bytes(a, n, row_tokens, e, attn, ckpt, cfg.grpo.logprob_chunk)
+
+    (saved, act), (saved_ckpt, act_ckpt) = activations(tokens, False), activations(tokens, True)
+    plan = MemoryPlan(
+        stage=cfg.name, kind=cfg.kind, structured=structured, num_paths=ro.num_paths, world=w,
+        device_bytes=device_bytes, compute_dtype=compute, attention=attn, num_params=a.numel(), parameters=params,
+        gradients=params, optimizer=2 * params, reference=reference, gathered=gathered, kv_budget=budget,
+        kv_budget_source=source, kv_width=width, kv_bytes_per_token=bpt, kv_rows=rows, kv_samples=samples,
+        kv_min_rows=group * (ro.num_paths if structured else 1), prefill=prefill,
+        sampling_work=sampling_work_bytes(a, *prefill, rows, e), fsdp_units=units,
+        micro_batch_tokens=tokens, checkpointing=cfg.model.gradient_checkpointing, saved=saved,
+        saved_ckpt=saved_ckpt, activations=act, activations_ckpt=act_ckpt, reserve=reserve)
+    if not cuda:
+        return plan
+    fixed = plan.peak_update - (act_ckpt if plan.checkpointing else act)
+    fits = lambda n, ckpt: fixed + activations(n, ckpt)[1] <= device_bytes  # noqa: E731
+    return replace(plan, problem=fit_problem(plan, cfg, free, row_tokens, fits))
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def fit_problem(plan: MemoryPlan, cfg: Config, free: int, row_tokens: int, fits) -> str | None:
+    """The one message for a plan whose sampling or update peak exceeds the device, naming the knob to turn;
+    None when it fits. `free`: bytes free when sampling starts; `fits(tokens, checkpointing)`: whether the
+    update fits with a micro-batch of that many tokens."""
+    ro, dev, work = cfg.rollout, plan.device_bytes, plan.sampling_work
+    on = f"on a {_gib(dev)} device ({_gib(plan.reserve)} reserved)"
+    more_ranks = "use more ranks (torchrun --nproc_per_node; --world-size in a dry run)"
+    beside = f"the model states ({_gib(plan.resident)}), the gathered copy ({_gib(plan.gathered)})"
+    if free <= work:
+        return f"{beside} and the sampling working set ({_gib(work)}) do not fit {on}: {more_ranks}"
+    if plan.kv_rows < plan.kv_min_rows:
+        need = plan.kv_min_rows * plan.kv_width * (plan.kv_bytes_per_token + 1)
+        if ro.kv_cache_gb is not None:
+            knob = f"raise rollout.kv_cache_gb to at least {math.ceil(need / GiB * 10) / 10:g}"
+        elif need <= free - work:
+            knob = f"raise rollout.kv_cache_fraction (now {ro.kv_cache_fraction:g}) to at least {need / free:.2f}"
+        else:
+            knob = f"lower rollout.max_new_tokens (now {ro.max_new_tokens}) or {more_ranks}"
+        return (f"the KV budget ({plan.kv_budget_source}: {_gib(plan.kv_budget)}) holds {plan.kv_rows} cache "
+                f"row{'s' * (plan.kv_rows != 1)} of {plan.kv_width} tokens (data.max_prompt_tokens + "
+                f"rollout.max_new_tokens), but a group needs {plan.kv_min_rows} at once: {knob}")
+    if plan.peak_sampling > dev:  # (a fraction-set budget leaves 1 - fraction free)
+        if ro.kv_cache_gb is not None:
+            return (f"rollout.kv_cache_gb {ro.kv_cache_gb:g} does not fit beside {beside} and the sampling working "
+                    f"set ({_gib(work)}) {on}: lower it to at most {(free - work) / GiB:.1f} or unset it")
+        left = _gib((1 - ro.kv_cache_fraction) * free)
+        return (f"rollout.kv_cache_fraction {ro.kv_cache_fraction:g} leaves {left} beside the KV pool, but sampling "
+                f"needs {_gib(work)} (a prefill of {plan.prefill[0]} prompts x {plan.prefill[1]} tokens): lower "
+                f"rollout.kv_cache_fraction to at most {1 - work / free:.2f} or rollout.prefill_rows (now "
+                f"{ro.prefill_rows})")
+    if plan.peak_update <= dev:
+        return None
+    ckpt = plan.checkpointing
+    now = cfg.grpo.micro_batch_tokens if cfg.kind == "grpo" else cfg.sft.micro_batch_tokens
+    act = plan.activations_ckpt if ckpt else plan.activations
+    head = (f"the update needs {_gib(plan.peak_update)} {on}, {_gib(act)} of it for a micro-batch of "
+            f"{plan.micro_batch_tokens} tokens ({'with' if ckpt else 'without'} activation checkpointing): ")
+    if not fits(row_tokens, ckpt):
+        if not ckpt and fits(row_tokens, True):
+            return head + "set model.gradient_checkpointing: true"
+        return head + f"even one row of {row_tokens} tokens does not fit: {more_ranks} or shorter sequences"
+    lo, hi = row_tokens, plan.micro_batch_tokens  # the largest micro-batch that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid, ckpt) else (lo, mid - 1)
+    knob = f"lower {plan.micro_batch_key} (now {now}) to at most {max(row_tokens, lo // 1024 * 1024)}"
+    return head + knob + ("" if ckpt else " or set model.gradient_checkpointing: true")
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a table for the console, GiB per rank."""
+    w, dt = plan.world, plan.compute_dtype
+    share = f"1/{w} per rank" if w > 1 else "one process: not sharded"
+    kind = "structured" if plan.structured else "causal"
+    size = f"{plan.num_params / 1e9:.2f}B" if plan.num_params >= 1e9 else f"{plan.num_params / 1e6:.1f}M"
+    lines = [f"memory per rank, {plan.stage} ({plan.kind}, {kind}): Qwen3 of {size} parameters, "
+             f"{w} rank{'s' * (w > 1)}, {dt} compute, {plan.attention} attention",
+             f"  {'':30}{'GiB':>9}"]
+    row = lambda label, n, note: lines.append(f"  {label:30}{n / GiB:9.2f}  {note}")  # noqa: E731
+    master = "float32" if w > 1 else dt
+    row("parameters", plan.parameters, f"{master}, {share}")
+    row("gradients", plan.gradients, f"{master}, {share}")
+    row("optimizer states", plan.optimizer, f"AdamW exp_avg + exp_avg_sq, {master}, {share}")
+    row("reference model", plan.reference, "grpo.kl_coef > 0: sharded like the parameters" if plan.reference
+        else "none (grpo.kl_coef = 0)")
+    row("gathered copy (sampling)", plan.gathered, f"all parameters in {dt}" if w > 1 else "none: one process")
+    paths = plan.num_paths if plan.structured else 1
+    waves = math.ceil(plan.kv_samples * paths / max(plan.kv_rows, 1))
+    flight = (f"{plan.kv_rows} samples in flight" if not plan.structured else
+              f"{plan.kv_rows} samples in flight, ~{plan.kv_rows // paths} while all have a block open")
+    row("KV pool (sampling)", plan.kv_pool, f"budget {plan.kv_budget / GiB:.2f} GiB ({plan.kv_budget_source}): "
+        f"{plan.kv_bytes_per_token / 1024:g} KiB per token, rows of {plan.kv_width} tokens")
+    lines.append(f"  {'':41}{plan.kv_rows} rows = {flight}; the largest sampler call (a step or the evaluation) "
+                 f"{plan.kv_samples} samples ({waves} wave{'s' * (waves > 1)}); a group needs {plan.kv_min_rows} rows")
+    row("sampling working set", plan.sampling_work,
+        f"prefill of {plan.prefill[0]} prompts x {plan.prefill[1]} tokens (or a decode step's logits)")
+    row("FSDP units (update)", plan.fsdp_units,
+        f"root + {PREFETCHED_LAYERS} decoder layers gathered, with gradients" if w > 1 else "none: one process")
+    for ckpt, label in ((True, "activations, checkpointed"), (False, "activations, not checkpointed")):
+        saved, total = (plan.saved_ckpt, plan.activations_ckpt) if ckpt else (plan.saved, plan.activations)
+        used = f"  <- model.gradient_checkpointing: {str(ckpt).lower()}" if ckpt == plan.checkpointing else ""
+        row(label, total, f"{plan.micro_batch_tokens} tokens ({plan.micro_batch_key}): {saved / GiB:.2f} saved "
+            f"+ {(total - saved) / GiB:.2f} backward working set{used}")
+    if plan.reserve:
+        row("CUDA context, allocator", plan.reserve, "fixed allowance")
+    row("peak while sampling", plan.peak_sampling, "parameters, optimizer, reference, gathered, KV, working set")
+    row("peak while updating", plan.peak_update, "parameters, optimizer, reference, gradients, units, activations")
+    if plan.device_bytes is None:
+        lines.append("  fit: not checked (CPU ranks; --device-memory 80GB plans for a GPU of that size)")
+    else:
+        peak = max(plan.peak_sampling, plan.peak_update)
+        verdict = "fits" if plan.problem is None else "DOES NOT FIT"
+        lines.append(f"  fit: {verdict}: peak {peak / GiB:.2f} of {plan.device_bytes / GiB:.2f} GiB per device")
+    return "\n".join(lines)
+
+
+# --- the stages of a config ----------------------------------------------------------------------------------
+
+def stage_model_config(stage: Config, earlier: dict) -> dict:
+    """config.json (a dict) of the model a stage starts from: an earlier stage's of this pipeline (same shapes),
+    that of init_from's or model.path's directory, or model.build (vocab_size, when unset, from the stage's
+    tokenizer, as make_model does). FileNotFoundError or ValueError when it cannot be read yet."""
+    if stage.init_from in earlier:
+        return earlier[stage.init_from]
+    if stage.init_from is None and stage.model.path is None:
+        build = dict(stage.model.build or {})
+        if "vocab_size" not in build:
+            from .stages import make_tokenizer
+            build["vocab_size"] = len(make_tokenizer(stage, None)[0])
+        return build
+    from .stages import resolve_init
+    path = stage.model.path if stage.init_from is None else resolve_init(stage, {})
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file} does not exist")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def stage_plans(stages: list, world_size: int = 1, device_bytes: int | None = None) -> list:
+    """(stage, MemoryPlan or a one-line note saying why there is none) for each stage, in order."""
+    out, earlier = [], {}
+    for stage in stages:
+        try:
+            earlier[stage.name] = model_config = stage_model_config(stage, earlier)
+        except (OSError, ValueError) as e:  # not there yet (an earlier stage's output), or unreadable
+            out.append((stage, f"memory plan of {stage.name}: no model config.json yet ({e}); pass "
+                               "--set init_from=DIR or --set model.path=DIR (a directory holding config.json)"))
+            continue
+        out.append((stage, memory_plan(stage, model_config, world_size, device_bytes)))
+    return out
+
+
+def first_problem(plans: list) -> str | None:
+    """The message of the first stage whose plan cannot fit, naming the stage; None when all fit."""
+    for stage, plan in plans:
+        if isinstance(plan, MemoryPlan) and plan.problem:
+            return f"{stage.name}: {plan.problem}"
+    return None
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '85899345920' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise ValueError(f"{text!r} is not a size: write e.g. 80GB, 80GiB or a number of bytes")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def run_device_bytes(device: str = "auto") -> int | None:
+    """Total memory of the CUDA device this rank would run on (grpo.fsdp.init_distributed's choice), or None
+    when it runs on CPU."""
+    import torch
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if not cuda:
+        return None
+    index = torch.device(device).index if device.startswith("cuda:") else int(os.environ.get("LOCAL_RANK", 0))
+    return torch.cuda.get_device_properties(index).total_memory
