@@ -28,7 +28,7 @@ from rewards import RewardFn, RewardPool
 from rollout import Sampler
 
 from . import report
-from .config import ConfigError, build_config, deep_merge, from_dict, parse_overrides, read_yaml
+from .config import CONFIG_DIR, ConfigError, build_config, deep_merge, from_dict, parse_overrides, read_yaml
 from .data import DataError, load_examples
 from .prompts import encode_prompt, format_prompt
 from .report import EvalError, resume
@@ -417,7 +417,8 @@ def _parse(argv: list[str]):
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="an HF model directory, a checkpoint step-N, or a run directory")
     which.add_argument("--across", metavar="RUN_DIR", help="every checkpoint of a run in step order, then final/")
-    ap.add_argument("--config", default="eval.yaml", help="YAML config (a bare name resolves into configs/)")
+    ap.add_argument("--config", help="YAML config: a path, or a name in the package's configs/; default: "
+                    "configs/eval.yaml")
     ap.add_argument("--limit", type=int, help="problems per benchmark (a quick look)")
     ap.add_argument("--out", help="output directory (default: <run_dir>/<model> or <RUN_DIR>/eval)")
     ap.add_argument("--variant", choices=VARIANTS, help="override the variant saved with the model")
@@ -432,8 +433,9 @@ def cli(argv: list[str]) -> int:
     2 on a bad config, data file, model directory or output directory."""
     args = _parse(argv)
     try:
-        cfg = eval_config(args.config, args.set, args.limit)
-        explicit = explicit_prompt_keys(args.config, args.set)
+        config = args.config or os.path.join(CONFIG_DIR, "eval.yaml")  # the package's, from any directory
+        cfg = eval_config(config, args.set, args.limit)
+        explicit = explicit_prompt_keys(config, args.set)
         benchmarks = load_benchmarks(cfg, args.benchmarks.split(",") if args.benchmarks else None)
         refs = run_models(args.across, args.variant) if args.across else [resolve_model(args.model, args.variant)]
         out = args.out or (os.path.join(args.across, "eval") if args.across
