@@ -179,13 +179,13 @@ def save_model(out_dir: str, config: Qwen3Config, state_dict: dict, tokenizer=No
             info["tags"] = add_tag_tokens(tokenizer).as_dict()
         config.parallel_r1 = {k: v for k, v in info.items() if v is not None}
     config.save_pretrained(out_dir)
-    write_weights(out_dir, state)
-    write_generation_config(out_dir, config, tokenizer)
+    _write_weights(out_dir, state)
+    _write_generation_config(out_dir, config, tokenizer)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
 
-def write_weights(out_dir: str, state: dict) -> None:
+def _write_weights(out_dir: str, state: dict) -> None:
     """model.safetensors, or shards of at most SHARD_BYTES with model.safetensors.index.json."""
     shards, current, size = [], {}, 0
     for k in sorted(state):
@@ -208,7 +208,7 @@ def write_weights(out_dir: str, state: dict) -> None:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def write_generation_config(out_dir: str, config: Qwen3Config, tokenizer=None) -> None:
+def _write_generation_config(out_dir: str, config: Qwen3Config, tokenizer=None) -> None:
     """generation_config.json: the source model's (config.name_or_path, set by load_model) copied through,
     else one with the stop tokens of the tokenizer (EOS, and <|im_end|> for chat) and its pad id."""
     source = os.path.join(config.name_or_path or "", "generation_config.json")
