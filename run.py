@@ -15,7 +15,8 @@ import sys
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="run.py", description="Parallel-R1 training: SFT and GRPO stages, pipelines, "
                                  "the CPU demo. `run.py eval --help` for evaluation.")
-    ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (a bare name resolves into configs/)")
+    ap.add_argument("--config", help="YAML config: a path, or a name in the package's configs/ (stage2, "
+                    "configs/stage2.yaml); default: the CPU demo, configs/demo.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, dotted for sections (repeatable): --set grpo.clip_high=0.28")
     ap.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and the memory plan "
@@ -38,9 +39,11 @@ def main(argv=None) -> int:
         print("--world-size N (N >= 1) and --device-memory SIZE plan a dry run (--dry-run); a real run uses torchrun's "
               "world size and the CUDA device found", file=sys.stderr)
         return 2
-    from curriculum.config import ConfigError, load_config, pipeline_stages, to_dict
+    from curriculum.config import CONFIG_DIR, ConfigError, load_config, pipeline_stages, to_dict
+    # the package's demo wherever the command runs (a relative default would follow the working directory)
+    config = args.config or os.path.join(CONFIG_DIR, "demo.yaml")
     try:
-        cfg = load_config(args.config, args.set, args.quick)
+        cfg = load_config(config, args.set, args.quick)
         stages = pipeline_stages(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)

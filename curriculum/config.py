@@ -238,16 +238,26 @@ def parse_overrides(items: list) -> dict:
     return out
 
 
-def resolve_config_path(path: str) -> str:
-    """`stage2.yaml` or `configs/stage2.yaml` or an absolute path."""
-    for candidate in (path, os.path.join(CONFIG_DIR, path), os.path.join(CONFIG_DIR, path + ".yaml")):
+def resolve_config_path(path: str, beside: str | None = None) -> str:
+    """A config file from any working directory: `path` as given (absolute, or relative to the current
+    directory; first relative to the directory `beside` when given: a pipeline's stage files sit next to
+    it), else the same name in the package's configs/ directory, with or without `.yaml` and with or
+    without a leading `configs/`: `stage2`, `stage2.yaml` and `configs/stage2.yaml` all work."""
+    tried = [os.path.join(beside, path)] if beside else []
+    tried.append(path)
+    if not os.path.isabs(path):
+        parts = os.path.normpath(path).split(os.sep)
+        name = os.path.join(*parts[1:]) if parts[0] == "configs" and len(parts) > 1 else path
+        names = [n + ext for n in (path, name) for ext in ("", ".yaml") if not (ext and n.endswith((".yaml", ".yml")))]
+        tried += [os.path.join(CONFIG_DIR, n) for n in names]
+    for candidate in tried:
         if os.path.isfile(candidate):
             return candidate
-    raise ConfigError(f"config file {path!r} not found (looked in . and {CONFIG_DIR})")
+    raise ConfigError(f"config file {path!r} not found (looked for {', '.join(dict.fromkeys(tried))})")
 
 
-def read_yaml(path: str) -> dict:
-    path = resolve_config_path(path)
+def read_yaml(path: str, beside: str | None = None) -> dict:
+    path = resolve_config_path(path, beside)
     with open(path) as f:
         try:
             data = yaml.safe_load(f) or {}
@@ -275,7 +285,8 @@ def load_config(path: str, overrides: list | None = None, quick: bool = False) -
     defaults, then the stage's keys, then `quick` and `--set` again, so `--set variant=structured`
     reaches every stage even where a stage sets its variant.
     """
-    data = read_yaml(path)
+    path = resolve_config_path(path)
+    data, here = read_yaml(path), os.path.dirname(path)
     late = deep_merge((data.get("quick") or {}) if quick else {}, parse_overrides(overrides))
     cfg = build_config(deep_merge(data, late))
     if cfg.kind == "pipeline":
@@ -283,7 +294,7 @@ def load_config(path: str, overrides: list | None = None, quick: bool = False) -
         late_stage = {k: v for k, v in late.items() if k not in PIPELINE_ONLY}
         resolved = []
         for i, entry in enumerate(cfg.stages):
-            raw = read_yaml(entry) if isinstance(entry, str) else entry
+            raw = read_yaml(entry, beside=here) if isinstance(entry, str) else entry
             if not isinstance(raw, dict):
                 raise ConfigError(f"stages[{i}]: expected a stage file name or a mapping, got {entry!r}")
             resolved.append(deep_merge(deep_merge(shared, raw), late_stage))

@@ -22,19 +22,20 @@ from tqdm import tqdm
 from grpo.checkpoint import is_complete, latest, list_checkpoints
 from model.tokenizer import decode_responses, newline_id, stop_token_ids as stop_ids
 # TODO(lead): these three belong in a public place under rollout/ (the trainer uses them too)
-from model import (apply_structured_attention, check_tokenizer_fits, load_model, load_tokenizer,
+from model import (apply_structured_attention, check_tokenizer_fits, export_info, load_model, load_tokenizer,
                    remove_structured_attention, structured_tags)
 from rewards import RewardFn, RewardPool
 from rollout import Sampler
 
 from . import report
-from .config import ConfigError, build_config, deep_merge, from_dict, parse_overrides, read_yaml
+from .config import CONFIG_DIR, ConfigError, build_config, deep_merge, from_dict, parse_overrides, read_yaml
 from .data import DataError, load_examples
 from .prompts import encode_prompt, format_prompt
 from .report import EvalError, resume
 from .synthetic import synthetic_sets
 
 VARIANTS = ("causal", "structured")
+PROMPT_KEYS = ("template", "prompt_style")  # data.* keys a model is trained with and evaluated with
 
 
 @dataclass
@@ -201,6 +202,13 @@ def eval_config(path: str = "eval.yaml", overrides: list | None = None, limit: i
     return cfg
 
 
+def explicit_prompt_keys(path: str = "eval.yaml", overrides: list | None = None) -> set[str]:
+    """Which of data.template / data.prompt_style the eval config or `--set` names: those win over the
+    settings saved with a model (prompt_settings)."""
+    data = deep_merge(read_yaml(path), parse_overrides(overrides)).get("data") or {}
+    return {key for key in PROMPT_KEYS if key in data}
+
+
 def benchmark_specs(cfg) -> dict:
     specs = {}
     for name, entry in cfg.eval.benchmarks.items():
@@ -245,32 +253,48 @@ def config_kwargs(cfg, benchmarks: dict) -> dict:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model to evaluate: its HF directory, variant and names."""
+    """A model to evaluate: its HF directory, variant, names, and the prompt settings it was trained with."""
     path: str  # config.json + safetensors (+ tokenizer)
     variant: str  # causal | structured
     name: str  # "step-N", "final" or the directory name
     label: str  # the row label of tables, e.g. "stage2/step-100"
     step: int | None = None
+    template: str | None = None  # data.template / data.prompt_style saved with the model (None: not saved);
+    prompt_style: str | None = None  # used unless the eval config or --set names its own (evaluate_ref)
 
 
 def _is_hf(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def _saved_variant(*config_files: str) -> str | None:
-    """The `variant` of the first resolved config.yaml that exists."""
+def _saved_settings(hf_dir: str, *config_files: str) -> dict:
+    """variant, template and prompt_style of the first resolved config.yaml that exists, else of the
+    parallel_r1 entry of the model's config.json (an export copied away from its run)."""
     for path in config_files:
         if os.path.isfile(path):
             with open(path) as f:
-                variant = (yaml.safe_load(f) or {}).get("variant")
-            return variant if variant in VARIANTS else None
-    return None
+                saved = yaml.safe_load(f) or {}
+            data = saved.get("data") or {}
+            found = {"variant": saved.get("variant"), "template": data.get("template"),
+                     "prompt_style": data.get("prompt_style")}
+            break
+    else:
+        found = export_info(hf_dir)
+    return {"variant": found.get("variant") if found.get("variant") in VARIANTS else None,
+            "template": found.get("template"), "prompt_style": found.get("prompt_style")}
+
+
+def _ref(path: str, variant: str | None, name: str, label: str, *config_files: str, step: int | None = None):
+    saved = _saved_settings(path, *config_files)
+    return ModelRef(path, variant or saved["variant"] or "causal", name, label, step, saved["template"],
+                    saved["prompt_style"])
 
 
 def resolve_model(path: str, variant: str | None = None) -> ModelRef:
-    """An HF directory (config.json; a checkpoint's model/ or a run's final/ take the variant from the
-    config.yaml beside them), a checkpoint `step-N` (its model/ and config.yaml), or a run directory
-    (final/, else its latest complete checkpoint). `variant` overrides the saved one."""
+    """An HF directory (config.json; a checkpoint's model/ or a run's final/ take the variant and prompt
+    settings from the config.yaml beside them, else from config.json's parallel_r1 entry), a checkpoint
+    `step-N` (its model/ and config.yaml), or a run directory (final/, else its latest complete
+    checkpoint). `variant` overrides the saved one."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise EvalError(f"--model {path}: no such directory")
@@ -278,15 +302,14 @@ def resolve_model(path: str, variant: str | None = None) -> ModelRef:
     if _is_hf(path) and base == "model" and os.path.basename(parent).startswith("step-"):
         return resolve_model(parent, variant)  # a checkpoint's model/: the checkpoint
     if _is_hf(path):
-        saved = _saved_variant(os.path.join(path, "config.yaml"), os.path.join(parent, "config.yaml"))
-        if base == "final":
-            return ModelRef(path, variant or saved or "causal", "final", f"{os.path.basename(parent)}/final")
-        return ModelRef(path, variant or saved or "causal", base, base)
+        beside = (os.path.join(path, "config.yaml"), os.path.join(parent, "config.yaml"))
+        label = f"{os.path.basename(parent)}/final" if base == "final" else base
+        return _ref(path, variant, base, label, *beside)
     if _is_hf(os.path.join(path, "model")):
         step = int(base[5:]) if base.startswith("step-") and base[5:].isdigit() else None
         run = os.path.basename(os.path.dirname(parent))
-        return ModelRef(os.path.join(path, "model"), variant or _saved_variant(os.path.join(path, "config.yaml"))
-                        or "causal", base, f"{run}/{base}", step)
+        return _ref(os.path.join(path, "model"), variant, base, f"{run}/{base}", os.path.join(path, "config.yaml"),
+                    step=step)
     if _is_hf(os.path.join(path, "final")):
         return resolve_model(os.path.join(path, "final"), variant)
     ckpt = latest(path)
@@ -333,12 +356,20 @@ def load_for_eval(ref: ModelRef, cfg):
     return model, tokenizer, tags
 
 
-def evaluate_ref(ref: ModelRef, cfg, benchmarks: dict, out_dir: str, progress: bool = True) -> dict:
-    """Load `ref`, evaluate it with the config's settings into out_dir, free it."""
+def prompt_settings(ref: ModelRef, cfg, explicit=()) -> dict:
+    """template and prompt_style for evaluating `ref`: the config's where it names them (`explicit`, see
+    explicit_prompt_keys), else those the model was trained with, else the config's defaults."""
+    return {key: getattr(cfg.data, key) if key in explicit or getattr(ref, key) is None else getattr(ref, key)
+            for key in PROMPT_KEYS}
+
+
+def evaluate_ref(ref: ModelRef, cfg, benchmarks: dict, out_dir: str, progress: bool = True, explicit=()) -> dict:
+    """Load `ref`, evaluate it with the config's settings (prompt_settings for the prompt) into out_dir, free it."""
     model, tokenizer, tags = load_for_eval(ref, cfg)
+    kw = {**config_kwargs(cfg, benchmarks), **prompt_settings(ref, cfg, explicit)}
     try:
         return evaluate(model, tokenizer, tags, benchmarks, structured=ref.variant == "structured", out_dir=out_dir,
-                        label=ref.label, progress=progress, **config_kwargs(cfg, benchmarks))
+                        label=ref.label, progress=progress, **kw)
     finally:
         del model
         if torch.cuda.is_available():
@@ -385,7 +416,8 @@ def _parse(argv: list[str]):
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="an HF model directory, a checkpoint step-N, or a run directory")
     which.add_argument("--across", metavar="RUN_DIR", help="every checkpoint of a run in step order, then final/")
-    ap.add_argument("--config", default="eval.yaml", help="YAML config (a bare name resolves into configs/)")
+    ap.add_argument("--config", help="YAML config: a path, or a name in the package's configs/; default: "
+                    "configs/eval.yaml")
     ap.add_argument("--limit", type=int, help="problems per benchmark (a quick look)")
     ap.add_argument("--out", help="output directory (default: <run_dir>/<model> or <RUN_DIR>/eval)")
     ap.add_argument("--variant", choices=VARIANTS, help="override the variant saved with the model")
@@ -400,7 +432,9 @@ def cli(argv: list[str]) -> int:
     2 on a bad config, data file, model directory or output directory."""
     args = _parse(argv)
     try:
-        cfg = eval_config(args.config, args.set, args.limit)
+        config = args.config or os.path.join(CONFIG_DIR, "eval.yaml")  # the package's, from any directory
+        cfg = eval_config(config, args.set, args.limit)
+        explicit = explicit_prompt_keys(config, args.set)
         benchmarks = load_benchmarks(cfg, args.benchmarks.split(",") if args.benchmarks else None)
         refs = run_models(args.across, args.variant) if args.across else [resolve_model(args.model, args.variant)]
         out = args.out or (os.path.join(args.across, "eval") if args.across
@@ -408,7 +442,11 @@ def cli(argv: list[str]) -> int:
         entries = []
         for ref in refs:
             sub = os.path.join(out, ref.name) if args.across else out
-            result = evaluate_ref(ref, cfg, benchmarks, sub)
+            saved = {k: v for k, v in prompt_settings(ref, cfg, explicit).items() if v != getattr(cfg.data, k)}
+            if saved:
+                print(f"{ref.label}: {', '.join(f'data.{k}={v}' for k, v in saved.items())}, as the model was "
+                      "trained (set them in the config or with --set to choose)")
+            result = evaluate_ref(ref, cfg, benchmarks, sub, explicit=explicit)
             entries.append({"name": ref.name, "label": ref.label, "step": ref.step, "model": ref.path,
                             "variant": ref.variant, "results": result})
     except (ConfigError, DataError, EvalError, FileNotFoundError) as e:

@@ -3,7 +3,7 @@ encoders that turn a prompt, and an SFT target, into token ids with left truncat
 from __future__ import annotations
 
 # The instructions name the tags in words, never as "<Parallel>" etc.: a tag written in the prompt
-# would be tokenized as the special tag token and the structured variant would then read the prompt
+# would be tokenized as the tag token and the structured variant would then read the prompt
 # as a (malformed) block, silently turning the whole sequence causal. The format itself is taught by
 # the cold-start SFT stage.
 PARALLEL_INSTRUCTION = """Solve the problem below step by step.

@@ -125,12 +125,13 @@ def load_train_data(cfg: Config, heldout: dict):
     return examples, []
 
 
-def export_final(model, tokenizer, run_dir: str, d: Dist) -> str:
-    """<run_dir>/final: the stage's output as an HF directory (written atomically, with a manifest)."""
+def export_final(model, tokenizer, run_dir: str, d: Dist, **export) -> str:
+    """<run_dir>/final: the stage's output as an HF directory (written atomically, with a manifest).
+    `export`: save_model's keyword arguments (variant, template, prompt_style)."""
     final, tmp = os.path.join(run_dir, "final"), os.path.join(run_dir, "final.tmp")
     state = model_state_dict(model)  # a collective under FSDP
     if d.main:
-        save_model(tmp, model.config, state, tokenizer)
+        save_model(tmp, model.config, state, tokenizer, **export)
         write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -162,7 +163,8 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None) -> tuple[str, d
             ref, _ = make_model(cfg, d, tokenizer, tags, init_dir, trainable=False)
         train_grpo(cfg, model, tokenizer, tags, PromptFeed(train, tokenizer, cfg), cfg.run_dir, d, ref_model=ref,
                    compute_dtype=compute)
-    final = export_final(model, tokenizer, cfg.run_dir, d)
+    final = export_final(model, tokenizer, cfg.run_dir, d, variant=cfg.variant, template=cfg.data.template,
+                         prompt_style=cfg.data.prompt_style)
     summary = {"init_from": init_dir, "seconds_train": time.perf_counter() - t0}
     if heldout:
         summary.update(stage_figures(model, tokenizer, tags, heldout, cfg, d))

