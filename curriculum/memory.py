@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from transformers import Qwen3Config
 
 from model.load import resolve_attention
-from rollout.cache import kv_budget_bytes, kv_bytes_per_token, pool_rows
+from rollout.cache import kv_budget_bytes, kv_bytes_per_token, min_pool_rows, pool_rows
 
 from .config import Config
 
@@ -151,7 +151,7 @@ class MemoryPlan:
     kv_bytes_per_token: int
     kv_rows: int  # rows of kv_width that fit the budget
     kv_samples: int  # samples of the largest sampler call a rank makes
-    kv_min_rows: int  # rows its largest group needs at once
+    kv_min_rows: int  # rows the sampler needs to make progress (rollout.cache.min_pool_rows)
     prefill: tuple  # (prompts, tokens) of the largest prefill forward
     sampling_work: int
     fsdp_units: int  # FSDP units gathered at once during the update, with their unsharded gradients
@@ -249,7 +249,7 @@ def memory_plan(cfg: Config, model_config: dict, world_size: int = 1, device_byt
         device_bytes=device_bytes, compute_dtype=compute, attention=attn, num_params=a.numel(), parameters=params,
         gradients=params, optimizer=2 * params, reference=reference, gathered=gathered, kv_budget=budget,
         kv_budget_source=source, kv_width=width, kv_bytes_per_token=bpt, kv_rows=rows, kv_samples=samples,
-        kv_min_rows=group * (ro.num_paths if structured else 1), prefill=prefill,
+        kv_min_rows=min_pool_rows(group, structured, ro.num_paths), prefill=prefill,
         sampling_work=sampling_work_bytes(a, *prefill, rows, e), fsdp_units=units,
         micro_batch_tokens=tokens, checkpointing=cfg.model.gradient_checkpointing, saved=saved,
         saved_ckpt=saved_ckpt, activations=act, activations_ckpt=act_ckpt, reserve=reserve)
@@ -284,7 +284,7 @@ def fit_problem(plan: MemoryPlan, cfg: Config, free: int, row_tokens: int, fits)
             knob = f"lower rollout.max_new_tokens (now {ro.max_new_tokens}) or {more_ranks}"
         return (f"the KV budget ({plan.kv_budget_source}: {_gib(plan.kv_budget)}) holds {plan.kv_rows} cache "
                 f"row{'s' * (plan.kv_rows != 1)} of {plan.kv_width} tokens (data.max_prompt_tokens + "
-                f"rollout.max_new_tokens), but a group needs {plan.kv_min_rows} at once: {knob}")
+                f"rollout.max_new_tokens), but sampling needs at least {plan.kv_min_rows}: {knob}")
     if plan.peak_sampling > dev:  # (a fraction-set budget leaves 1 - fraction free)
         if ro.kv_cache_gb is not None:
             return (f"rollout.kv_cache_gb {ro.kv_cache_gb:g} does not fit beside {beside} and the sampling working "
@@ -337,7 +337,7 @@ def format_plan(plan: MemoryPlan) -> str:
     row("KV pool (sampling)", plan.kv_pool, f"budget {plan.kv_budget / GiB:.2f} GiB ({plan.kv_budget_source}): "
         f"{plan.kv_bytes_per_token / 1024:g} KiB per token, rows of {plan.kv_width} tokens")
     lines.append(f"  {'':41}{plan.kv_rows} rows = {flight}; the largest sampler call (a step or the evaluation) "
-                 f"{plan.kv_samples} samples ({waves} wave{'s' * (waves > 1)}); a group needs {plan.kv_min_rows} rows")
+                 f"{plan.kv_samples} samples ({waves} wave{'s' * (waves > 1)}); at least {plan.kv_min_rows} rows needed")
     row("sampling working set", plan.sampling_work,
         f"prefill of {plan.prefill[0]} prompts x {plan.prefill[1]} tokens (or a decode step's logits)")
     row("FSDP units (update)", plan.fsdp_units,

@@ -27,6 +27,12 @@ def pool_rows(budget_bytes: int, width: int, bytes_per_token: int) -> int:
     return int(budget_bytes // (width * (bytes_per_token + 1)))
 
 
+def min_pool_rows(n: int, structured: bool, num_paths: int) -> int:
+    """Rows a pool needs to make progress: a prompt's seed row and one sample copied from it (n > 1), plus the
+    rows of one block's other paths when structured (rollout/run.py admission)."""
+    return (2 if n > 1 else 1) + (num_paths - 1 if structured else 0)
+
+
 def kv_budget_bytes(kv_cache_gb: float | None, kv_cache_fraction: float, device: torch.device) -> int:
     """The sampler's KV budget: `kv_cache_gb` GiB when given; else on CUDA `kv_cache_fraction` of the device
     memory free when sampling starts (after the gathered model, like vLLM's gpu_memory_utilization but
@@ -35,7 +41,8 @@ def kv_budget_bytes(kv_cache_gb: float | None, kv_cache_fraction: float, device:
         return int(kv_cache_gb * GiB)
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(kv_cache_fraction * free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # ours to reuse, not "used"
+        return int(kv_cache_fraction * (free + cached))
     return CPU_DEFAULT_KV_BYTES
 
 

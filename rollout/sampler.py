@@ -18,7 +18,7 @@ import torch
 
 from model.tags import TagIds
 
-from .cache import StaticKV, kv_budget_bytes, kv_bytes_per_token, pool_rows
+from .cache import StaticKV, kv_budget_bytes, kv_bytes_per_token, min_pool_rows, pool_rows
 from .noise import gumbel, stream_keys, vocab_keys
 from .rows import Limits, Rollout, RowBuffers, RowPool
 from .run import Run
@@ -206,7 +206,7 @@ class Sampler:
 
     def _check_pool(self, rows: int, n: int, structured: bool, width: int, per_token: int) -> None:
         """The pool must hold a seed and a sample (plus a block's paths when structured) to make progress."""
-        need = (2 if n > 1 else 1) + (self.num_paths - 1 if structured else 0)
+        need = min_pool_rows(n, structured, self.num_paths)
         if rows < need:
             row_mb = width * (per_token + 1) / 2**20
             raise ValueError(f"the KV budget holds {rows} cache rows of {width} tokens ({row_mb:.3g} MiB each); "

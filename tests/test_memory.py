@@ -172,7 +172,7 @@ def test_stage2_plan_of_qwen3_4b_by_hand(qwen3_4b):
     free = 80 * 10**9 - 3 * GiB - 3 * (n // 8 * 4) - n * 2  # when sampling starts
     assert plan.kv_budget == int(0.7 * free)
     assert plan.kv_rows == plan.kv_budget // (5000 * 147_457) == 59  # rows of 2000 + 3000 tokens
-    assert plan.kv_min_rows == 16  # the held-out amc23 samples 16 per problem; training groups are 8
+    assert plan.kv_min_rows == 2  # a seed row and one sample copied from it (rollout.cache.min_pool_rows)
     assert plan.micro_batch_tokens == 32768 and plan.checkpointing
     assert plan.saved_ckpt >= 36 * 32768 * 2560 * 2  # at least every layer's input in bf16
     assert plan.problem is None and plan.peak_sampling < 80 * 10**9 and plan.peak_update < 80 * 10**9
@@ -202,7 +202,8 @@ def test_dry_run_on_24gb_stops_with_one_sentence_naming_the_knob(qwen3_4b, capsy
     assert run.main(dry_run_args(qwen3_4b, "24GB")) == 2
     out, err = capsys.readouterr()
     assert "fit: DOES NOT FIT" in out and err.count("\n") == 1 and err.startswith("memory: stage2: ")
-    assert "holds 6 cache rows of 5000 tokens" in err and "lower rollout.max_new_tokens (now 3000)" in err
+    # the 6 rows that fit are enough to sample; the prefill beside them is not
+    assert "leaves 1.9 GiB beside the KV pool" in err and "lower rollout.kv_cache_fraction to at most 0.25" in err
 
 
 @pytest.mark.parametrize("overrides,knob", [
@@ -211,7 +212,7 @@ def test_dry_run_on_24gb_stops_with_one_sentence_naming_the_knob(qwen3_4b, capsy
     (["model.gradient_checkpointing=false", "rollout.max_new_tokens=10000", "rollout.kv_cache_gb=30"],
      ": set model.gradient_checkpointing: true"),  # not even one row of 12000 tokens fits without it
     (["rollout.kv_cache_gb=70"], "rollout.kv_cache_gb 70 does not fit beside"),
-    (["rollout.kv_cache_gb=1"], "raise rollout.kv_cache_gb to at least 11"),  # 16 x 5000 x 147,457 B = 10.99 GiB
+    (["rollout.kv_cache_gb=1"], "raise rollout.kv_cache_gb to at least 1.4"),  # 2 x 5000 x 147,457 B = 1.37 GiB
     (["rollout.kv_cache_fraction=0.99"], "lower rollout.kv_cache_fraction to at most 0.9"),
 ])
 def test_a_plan_that_cannot_fit_names_the_knob(qwen3_4b, overrides, knob):
@@ -247,7 +248,7 @@ def test_a_real_run_checks_the_fit_before_any_work(qwen3_4b, tmp_path, monkeypat
     run_dir = tmp_path / "run"
     assert run.main(["--config", "stage2.yaml", "--set", f"init_from={qwen3_4b}", "--set", f"run_dir={run_dir}",
                      "--set", f"data.train={qwen3_4b}/train.jsonl"]) == 2
-    assert capsys.readouterr().err.startswith("memory: stage2: the KV budget")
+    assert capsys.readouterr().err.startswith("memory: stage2: rollout.kv_cache_fraction 0.7 leaves")
     assert not run_dir.exists()  # nothing was written: the model was never built
 
 
