@@ -5,10 +5,11 @@ response tokens up to and including EOS. Both sample the same prompts x n from t
 (random init, EOS-biased head so response lengths spread from a few tokens to the limit).
 "block_step_ratio" = decode steps our structured sampler spends on a 2-path block / the steps needed to
 write both paths one after the other (< 1: paths decoded simultaneously).
-Under a KV budget of R rows (continuous batching), with N = P x n >= 8 R samples:
-"equal_memory_ratio" = our tokens/s with R rows / `model.generate` run in chunks of R sequences (the best
-generate does in the same memory; target >= 3); "budget_peak_ratio" = bytes of the KV pool allocated / the
-budget (must be <= 1); "refill_ratio" = our tokens/s with R rows / ours with every row at once (target >= 0.9).
+Under a KV budget of R = N/8 rows (continuous batching; N = P x n samples, 8 waves): "equal_memory_ratio" =
+our tokens/s with R rows / `model.generate` run in chunks of R sequences (the best generate does in the same
+memory; target >= 3); "budget_peak_ratio" = bytes of the KV pool allocated / the budget (must be <= 1).
+"refill_ratio" = our tokens/s with N/4 rows / ours with every row at once (target >= 0.9): all at once, the
+batch thins out as samples finish; a quarter of the rows, refilled at once, stays full.
 Full run only: decode-step seconds of a Qwen3-0.6B-shaped model (random weights, 151,936 vocabulary) at 1, 8
 and 32 rows / the weight-streaming bound (parameter bytes / the memory bandwidth of a large tensor copy).
 
@@ -112,26 +113,35 @@ def block_step_ratio(model, tok, tags, path_len: int, seeds: int = 3):
     return steps, tokens
 
 
-def budget_figures(model, tags, pad, prompts, n, max_new, eos, rows: int, repeats: int) -> dict:
-    """Ours under a budget of `rows` rows vs ours with every row, and vs generate in chunks of `rows`."""
+def budgeted(model, tags, pad, prompts, max_new, rows: int) -> tuple[Sampler, float]:
+    """A sampler whose KV budget holds exactly `rows` rows of this call's width, and that budget in bytes."""
     c = model.config
     width = max(map(len, prompts)) - 1 + max_new
     per_row = width * (kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 4) + 1)
     budget = (rows + 0.5) * per_row  # bytes: room for `rows` rows, not one more
-    pooled = Sampler(model, tags=tags, pad_id=pad, kv_cache_gb=budget / 2**30)
+    return Sampler(model, tags=tags, pad_id=pad, kv_cache_gb=budget / 2**30), budget
+
+
+def budget_figures(model, tags, pad, prompts, n, max_new, eos, repeats: int) -> dict:
+    """Ours under a budget of N/8 rows vs generate in chunks of N/8 sequences (and the budget held); ours under
+    N/4 rows vs ours with every row at once (refill: the pool stays full where all-at-once thins out)."""
+    N = len(prompts) * n
+    small, budget = budgeted(model, tags, pad, prompts, max_new, max(n, N // 8))  # >= n: generate's whole groups
+    refill, _ = budgeted(model, tags, pad, prompts, max_new, N // 4)
     every = Sampler(model, tags=tags, pad_id=pad)
-    r = pooled.generate(prompts, n=n, max_new_tokens=max_new, stop_ids=[eos], seed=0)
-    assert r.stats["pool_rows"] == rows and len(prompts) * n >= 8 * rows, r.stats
-    timed = {"pooled": [], "every": [], "chunked": []}
+    r = small.generate(prompts, n=n, max_new_tokens=max_new, stop_ids=[eos], seed=0)
+    assert N >= 8 * r.stats["pool_rows"], r.stats
+    timed = {"small": [], "refill": [], "every": [], "chunked": []}
     for seed in range(repeats):
-        timed["pooled"].append(time_ours(pooled, prompts, n, max_new, eos, seed))
-        timed["every"].append(time_ours(every, prompts, n, max_new, eos, seed))
-        timed["chunked"].append(time_generate_chunked(model, prompts, n, max_new, eos, pad, seed, rows))
+        for name, sampler in (("small", small), ("refill", refill), ("every", every)):
+            timed[name].append(time_ours(sampler, prompts, n, max_new, eos, seed))
+        timed["chunked"].append(time_generate_chunked(model, prompts, n, max_new, eos, pad, seed, r.stats["pool_rows"]))
     tps = {k: sum(t for _, t in v) / sum(s for s, _ in v) for k, v in timed.items()}
-    return {"equal_memory_ratio": round(tps["pooled"] / tps["chunked"], 3),
+    return {"equal_memory_ratio": round(tps["small"] / tps["chunked"], 3),
             "budget_peak_ratio": round(r.stats["kv_bytes"] / budget, 3),
-            "refill_ratio": round(tps["pooled"] / tps["every"], 3), "budget_rows": rows,
-            "budget_tokens_per_s": round(tps["pooled"], 1), "all_rows_tokens_per_s": round(tps["every"], 1),
+            "refill_ratio": round(tps["refill"] / tps["every"], 3), "budget_rows": r.stats["pool_rows"],
+            "refill_rows": N // 4, "budget_tokens_per_s": round(tps["small"], 1),
+            "refill_tokens_per_s": round(tps["refill"], 1), "all_rows_tokens_per_s": round(tps["every"], 1),
             "generate_chunked_tokens_per_s": round(tps["chunked"], 1), "budget_decode_steps": r.stats["steps"]}
 
 
@@ -193,8 +203,7 @@ def main():
         theirs.append((s, t))
     ours_tps = sum(t for _, t in ours) / sum(s for s, _ in ours)
     gen_tps = sum(t for _, t in theirs) / sum(s for s, _ in theirs)
-    rows = max(n, P * n // 8)  # >= n: generate in chunks of whole groups of n; N >= 8 rows
-    budget = budget_figures(model, tags, pad, prompts, n, max_new, eos, rows=rows, repeats=repeats)
+    budget = budget_figures(model, tags, pad, prompts, n, max_new, eos, repeats=repeats)
     big = {} if args.quick else decode_vs_bandwidth()
     steps, seq_steps = block_step_ratio(model, tok, tags, path_len=16 if args.quick else 48)
     print(f"ours {ours_tps:.0f} tok/s, generate {gen_tps:.0f} tok/s; block steps {steps} vs {seq_steps}; "

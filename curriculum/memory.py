@@ -204,22 +204,24 @@ def sampling_calls(cfg: Config, world: int) -> tuple[int, int, int]:
     return tuple(max(call[i] for call in calls) for i in range(3))
 
 
-def memory_plan(cfg: Config, model_config: dict, world_size: int = 1, device_bytes: int | None = None
-                ) -> MemoryPlan:
+def memory_plan(cfg: Config, model_config: dict, world_size: int = 1, device_bytes: int | None = None,
+                sharded: bool | None = None) -> MemoryPlan:
     """The memory plan of one stage (a resolved sft or grpo Config) per rank. `model_config`: the model's
     config.json as a dict. `device_bytes`: the device's size; given, the plan is for CUDA ranks (compute in
-    model.dtype) and says whether it fits; None: CPU ranks (float32, rollout.cache's CPU budget), unchecked."""
+    model.dtype) and says whether it fits; None: CPU ranks (float32, rollout.cache's CPU budget), unchecked.
+    `sharded`: whether FSDP wraps the model, as grpo.fsdp.parallelize's `shard` (None: when world_size > 1)."""
     a, cuda, w, ro = Arch.from_config(model_config), device_bytes is not None, world_size, cfg.rollout
+    fsdp = w > 1 if sharded is None else sharded
     structured, grpo = cfg.variant == "structured", cfg.kind == "grpo"
     compute = cfg.model.dtype if cuda else "float32"  # make_model: CPU ranks compute in float32
     e = DTYPE_BYTES[compute]
-    master = 4 if w > 1 else e  # FSDP keeps float32 master shards; one process keeps the dtype it loaded
+    master = 4 if fsdp else e  # FSDP keeps float32 master shards; one process keeps the dtype it loaded
     params = a.numel(w) * master
     reference = params if grpo and cfg.grpo.kl_coef > 0 else 0
-    gathered = a.numel() * e if w > 1 else 0
+    gathered = a.numel() * e if fsdp else 0
     # the root unit (embeddings, head, final norm) stays gathered from forward to backward with its gradient;
     # each prefetched layer has its unsharded gradient too and the float32 copy FSDP reduce-scatters
-    units = a.numel(part="root") * 2 * e + PREFETCHED_LAYERS * a.numel(part="layer") * (2 * e + 4) if w > 1 else 0
+    units = a.numel(part="root") * 2 * e + PREFETCHED_LAYERS * a.numel(part="layer") * (2 * e + 4) if fsdp else 0
     reserve = CUDA_RESERVE_BYTES if cuda else 0
     width = cfg.data.max_prompt_tokens + ro.max_new_tokens
     bpt = kv_bytes_per_token(a.layers, a.kv_heads, a.head_dim, e)
@@ -315,21 +317,21 @@ def fit_problem(plan: MemoryPlan, cfg: Config, free: int, row_tokens: int, fits)
 
 def format_plan(plan: MemoryPlan) -> str:
     """The plan as a table for the console, GiB per rank."""
-    w, dt = plan.world, plan.compute_dtype
-    share = f"1/{w} per rank" if w > 1 else "one process: not sharded"
+    w, dt, fsdp = plan.world, plan.compute_dtype, plan.gathered > 0
+    share = f"1/{w} per rank" if fsdp else "one process: not sharded"
     kind = "structured" if plan.structured else "causal"
     size = f"{plan.num_params / 1e9:.2f}B" if plan.num_params >= 1e9 else f"{plan.num_params / 1e6:.1f}M"
     lines = [f"memory per rank, {plan.stage} ({plan.kind}, {kind}): Qwen3 of {size} parameters, "
              f"{w} rank{'s' * (w > 1)}, {dt} compute, {plan.attention} attention",
              f"  {'':30}{'GiB':>9}"]
     row = lambda label, n, note: lines.append(f"  {label:30}{n / GiB:9.2f}  {note}")  # noqa: E731
-    master = "float32" if w > 1 else dt
+    master = "float32" if fsdp else dt
     row("parameters", plan.parameters, f"{master}, {share}")
     row("gradients", plan.gradients, f"{master}, {share}")
     row("optimizer states", plan.optimizer, f"AdamW exp_avg + exp_avg_sq, {master}, {share}")
     row("reference model", plan.reference, "grpo.kl_coef > 0: sharded like the parameters" if plan.reference
         else "none (grpo.kl_coef = 0)")
-    row("gathered copy (sampling)", plan.gathered, f"all parameters in {dt}" if w > 1 else "none: one process")
+    row("gathered copy (sampling)", plan.gathered, f"all parameters in {dt}" if fsdp else "none: one process")
     paths = plan.num_paths if plan.structured else 1
     waves = math.ceil(plan.kv_samples * paths / max(plan.kv_rows, 1))
     flight = (f"{plan.kv_rows} samples in flight" if not plan.structured else
@@ -341,7 +343,7 @@ def format_plan(plan: MemoryPlan) -> str:
     row("sampling working set", plan.sampling_work,
         f"prefill of {plan.prefill[0]} prompts x {plan.prefill[1]} tokens (or a decode step's logits)")
     row("FSDP units (update)", plan.fsdp_units,
-        f"root + {PREFETCHED_LAYERS} decoder layers gathered, with gradients" if w > 1 else "none: one process")
+        f"root + {PREFETCHED_LAYERS} decoder layers gathered, with gradients" if fsdp else "none: one process")
     for ckpt, label in ((True, "activations, checkpointed"), (False, "activations, not checkpointed")):
         saved, total = (plan.saved_ckpt, plan.activations_ckpt) if ckpt else (plan.saved, plan.activations)
         used = f"  <- model.gradient_checkpointing: {str(ckpt).lower()}" if ckpt == plan.checkpointing else ""

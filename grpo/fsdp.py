@@ -66,14 +66,16 @@ def close_distributed() -> None:
 
 
 def parallelize(model, d: Dist, *, compute_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                trainable: bool = True):
+                trainable: bool = True, shard: bool | None = None):
     """Activation checkpointing, then FSDP2 per decoder layer, then the root. A frozen reference model
-    (trainable=False) is sharded the same way and never gets gradients or optimizer state."""
+    (trainable=False) is sharded the same way and never gets gradients or optimizer state. `shard`: None
+    shards when there are several ranks; True shards a one-rank group too (fp32 master weights, `compute_dtype`
+    compute: benchmarks/gpu_check.py runs that on one GPU)."""
     if activation_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
         model.requires_grad_(False)
-    if d.world == 1:
+    if not (d.world > 1 if shard is None else shard):
         return model
     from torch.distributed.device_mesh import init_device_mesh
 

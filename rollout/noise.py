@@ -1,11 +1,11 @@
-"""Per-sample random streams for the sampler: counter-based noise and the Gumbel-max draw.
+"""Per-sample random streams for the sampler: one counter-based uniform per row and decode step.
 
 A draw depends only on (seed, sample, stream, counter), never on which other rows shared the decode
 batch or in what order samples were admitted, so a sample is the same whatever the KV budget (DESIGN.md
 rollout/sampler.py). The uniforms come from a 32-bit integer hash (Wellons' lowbias32) evaluated on int64
-tensors; products are split into 16-bit halves so no int64 multiply ever overflows. Sampling is the
-Gumbel-max trick: argmax(logits / T + G), G = -log(-log U), draws exactly from softmax(logits / T)
-restricted to the entries left finite by top-k / top-p.
+tensors; products are split into 16-bit halves so no int64 multiply ever overflows. The sampler turns a
+row's uniform into a token by inverse CDF (rollout.sampler.sample_next): one hash per row, not one per
+vocabulary entry as Gumbel-max would need, which matters at Qwen3's 151,936 entries.
 """
 from __future__ import annotations
 
@@ -37,12 +37,7 @@ def stream_keys(seed: int, sample: torch.Tensor, stream: torch.Tensor, counter: 
     return key
 
 
-def vocab_keys(vocab: int, device) -> torch.Tensor:
-    """(V,) int64: a hash per vocabulary entry, combined with each row's key into that entry's uniform."""
-    return mix32(torch.arange(vocab, device=device, dtype=torch.long) + 0x632BE5AB)
-
-
-def gumbel(row_keys: torch.Tensor, vocab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(R, V) standard Gumbel noise from row keys (R,) and vocab keys (V,)."""
-    u = (mix32(row_keys[:, None] ^ vocab[None, :]).to(torch.float64) + 0.5) / 2.0**32  # (R, V) in (0, 1)
-    return (-torch.log(-torch.log(u))).to(dtype)
+def uniforms(keys: torch.Tensor) -> torch.Tensor:
+    """(R,) float64 uniforms in (0, 1) with 53 random bits, from (R,) row keys."""
+    hi, lo = mix32(keys ^ 0x68E31DA4), mix32(keys ^ 0xB5297A4D)
+    return ((hi << 21) + (lo >> 11)).to(torch.float64).add_(0.5).div_(2.0**53)

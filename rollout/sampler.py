@@ -19,7 +19,7 @@ import torch
 from model.tags import TagIds
 
 from .cache import StaticKV, kv_budget_bytes, kv_bytes_per_token, min_pool_rows, pool_rows
-from .noise import gumbel, stream_keys, vocab_keys
+from .noise import stream_keys, uniforms
 from .rows import Limits, Rollout, RowBuffers, RowPool
 from .run import Run
 
@@ -47,16 +47,19 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                noise: torch.Tensor | None = None):
+                uniform: torch.Tensor | None = None):
     """(R, V) logits -> tokens (R,) and their log-probs (R,) under logits / temperature, unfiltered (the
-    trainer's rule: temperature 0 means the raw logits). Greedy when temperature is 0 or top_k is 1; else
-    Gumbel-max with `noise` (R, V): argmax(filtered logits / T + noise) is a draw from the filtered softmax."""
+    trainer's rule: temperature 0 means the raw logits). Greedy when temperature is 0 or top_k is 1; else the
+    token where the row's uniform (R,) in (0, 1) falls in the CDF of the filtered softmax (inverse CDF, in
+    float64: the first token whose cumulative probability reaches u, never one of probability 0)."""
     logits = logits if logits.dtype == torch.float64 else logits.float()
     scaled = logits / temperature if temperature > 0 else logits
     if temperature == 0 or top_k == 1:
         tok = logits.argmax(-1)
     else:
-        tok = (filter_logits(scaled, top_p, top_k) + noise).argmax(-1)
+        cdf = torch.softmax(filter_logits(scaled, top_p, top_k).double(), dim=-1).cumsum_(-1)  # (R, V)
+        target = (uniform.to(cdf.device) * cdf[:, -1])[:, None]  # (R, 1)
+        tok = torch.searchsorted(cdf, target)[:, 0].clamp_(max=cdf.shape[-1] - 1)
     return tok, torch.log_softmax(scaled, dim=-1).gather(-1, tok[:, None])[:, 0]
 
 
@@ -185,7 +188,6 @@ class Sampler:
                          self.dtype or self.model.dtype, dev)
         pool = RowPool(cache, RowBuffers(rows, max_new_tokens, dev))
         run = Run(pool, lim, len(prompts), n)
-        vocab = None
         with torch.no_grad(), sdpa_attention(self.model), eval_mode(self.model):
             while not run.done:
                 if should_stop is not None and should_stop():
@@ -194,13 +196,9 @@ class Sampler:
                     self.prefill(prompts, new, pool)
                 run.spawn()
                 logits = self.decode_step(pool)  # (R, V)
-                noise = None
-                if temperature > 0 and top_k != 1:
-                    vocab = vocab_keys(logits.shape[-1], dev) if vocab is None else vocab
-                    R = logits.shape[0]
-                    keys = stream_keys(seed, pool.buf.sample[:R], pool.buf.stream[:R], pool.buf.out_len[:R])
-                    noise = gumbel(keys, vocab, torch.float64 if logits.dtype == torch.float64 else torch.float32)
-                tok, logp = sample_next(logits, temperature, top_p, top_k, noise)
+                R, buf = logits.shape[0], pool.buf
+                u = uniforms(stream_keys(seed, buf.sample[:R], buf.stream[:R], buf.out_len[:R]))  # (R,) per sample
+                tok, logp = sample_next(logits, temperature, top_p, top_k, u)
                 run.advance(tok, logp)
         return run.result(prompts, self.pad_id, cache.nbytes)
 

@@ -1,11 +1,11 @@
-"""rollout/noise.py: the counter-based hash and the Gumbel-max draw it feeds."""
+"""rollout/noise.py: the counter-based hash and the uniforms it feeds the sampler's inverse-CDF draw."""
 import math
 import random
 
 import torch
 
 from rollout import sample_next
-from rollout.noise import M32, gumbel, mix32, stream_keys, vocab_keys
+from rollout.noise import M32, mix32, stream_keys, uniforms
 
 
 def lowbias32(x: int) -> int:
@@ -36,19 +36,29 @@ def test_keys_differ_per_sample_stream_and_counter():
     assert torch.equal(flat, stream_keys(7, s, torch.zeros_like(s), t))  # and nothing else does
 
 
-def test_gumbel_max_draws_from_the_filtered_softmax():
-    """20,000 draws for the same logits, one key each: frequencies match softmax(logits / T) (top-k applied)."""
+def test_uniforms_are_uniform_with_53_bits():
+    keys = stream_keys(0, torch.arange(50000), torch.zeros(50000, dtype=torch.long), torch.zeros(50000, dtype=torch.long))
+    u = uniforms(keys)
+    assert u.dtype == torch.float64 and 0 < float(u.min()) and float(u.max()) < 1
+    hist = torch.histc(u, bins=10, min=0, max=1) / 50000
+    assert (hist - 0.1).abs().max() < 0.006  # ~4.5 standard errors
+    assert len(set((u * 2**53).long().tolist())) == 50000
+
+
+def test_inverse_cdf_draws_from_the_filtered_softmax():
+    """20,000 draws for the same logits, one uniform each: frequencies match softmax(logits / T) with top-k and
+    top-p applied, tokens outside them are never drawn."""
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]]).repeat(20000, 1)
-    keys = stream_keys(0, torch.arange(20000), torch.zeros(20000, dtype=torch.long), torch.zeros(20000, dtype=torch.long))
-    noise = gumbel(keys, vocab_keys(5, "cpu"), torch.float32)
-    for T, top_k in ((1.0, 0), (0.7, 0), (1.0, 3)):
-        tok, logp = sample_next(logits, T, top_k=top_k, noise=noise)
+    u = uniforms(stream_keys(0, torch.arange(20000), torch.zeros(20000, dtype=torch.long),
+                             torch.zeros(20000, dtype=torch.long)))
+    for T, top_k, top_p, keep in ((1.0, 0, 1.0, 5), (0.7, 0, 1.0, 5), (1.0, 3, 1.0, 3), (1.0, 0, 0.6, 2)):
+        tok, logp = sample_next(logits, T, top_p=top_p, top_k=top_k, uniform=u)
         scaled = logits[0] / T
-        if top_k:
-            scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], -math.inf)
-        want = torch.softmax(scaled, -1)
+        kept = scaled.topk(keep).indices
+        want = torch.zeros(5).index_put_((kept,), torch.softmax(scaled[kept], -1))
         freq = torch.bincount(tok, minlength=5).double() / 20000
-        assert (freq - want).abs().max() < 0.012, (T, top_k, freq, want)  # ~4 standard errors
+        assert (freq - want).abs().max() < 0.012, (T, top_k, top_p, freq, want)  # ~4 standard errors
+        assert (freq[want == 0] == 0).all()
         # the recorded log-prob is under logits / T, unfiltered (what the trainer computes)
         assert torch.allclose(logp, torch.log_softmax(logits / T, -1).gather(-1, tok[:, None])[:, 0])
 
