@@ -67,7 +67,7 @@ def fixed_batch(tok, tags, kind):
     structured = kind == "tags"
     r = Sampler(model, tags=tags, pad_id=tok.pad_token_id).generate(
         [it.prompt_ids for it in toy_feed(tok).items], n=4, max_new_tokens=24, stop_ids=[tok.eos_token_id],
-        seed=5, structured=structured)
+        seed=7, structured=structured)  # a seed whose lengths give the ranks unequal micro-batch counts
     assert r.stats["blocks"] > 0 or not structured
     batch = make_batch(r, torch.linspace(-1.5, 1.5, 16))
     old = batch.sampler_logp - 0.05 * torch.arange(batch.input_ids.shape[1])[None] / 10  # ratios != 1
@@ -81,8 +81,8 @@ def runs(tok, tags, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     with one_thread():
         scenarios = references(root, tok, tags)
-    # sampling: 2 prompts x 4 samples per rank of up to 40 tokens: the longest response differs per rank
-    sampling = {"rollout": {"group_size": 4, "max_new_tokens": 40}}
+    # sampling: 2 prompts x 4 samples per rank of up to 64 tokens: the longest response differs per rank
+    sampling = {"rollout": {"group_size": 4, "max_new_tokens": 64}}
     scenarios.append({"out": str(root / "sample"), "model": "eos", "config": config(sampling, SPLIT)})
     scenarios.append({"out": str(root / "sample_structured"), "model": "tags",
                       "config": config({**sampling, "variant": "structured"}, SPLIT)})
