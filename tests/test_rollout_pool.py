@@ -141,3 +141,17 @@ def test_blocks_opened_at_the_length_limit(tok, tags):
                                                              stop_ids=[tok.eos_token_id], structured=True, seed=M)
             assert int(r.response_mask.sum(1).max()) <= M
             assert_on_policy(m, r, tags)
+
+
+def test_should_stop_abandons_the_call_between_steps(tok, tags):
+    """A stop request (Ctrl-C under torchrun) abandons the rollout between two decode steps; the model is left
+    as it was (training mode, attention implementation) and the sampler samples again afterwards."""
+    from rollout import SamplingAborted
+    m = spread_model(tok, tags).train()
+    asked = []
+    s = sampler(m, tok, tags)
+    with pytest.raises(SamplingAborted):
+        s.generate(prompts_of(tok, *PROMPTS[:2]), n=2, max_new_tokens=30, should_stop=lambda: len(asked) > 3 or
+                   asked.append(1))
+    assert len(asked) == 4 and m.training and m.config._attn_implementation == "sdpa"
+    assert s.generate(prompts_of(tok, "7"), n=2, max_new_tokens=4).response_ids.shape[0] == 2
