@@ -113,10 +113,10 @@ def eos_leaning(tok):
     return model
 
 
-def rollout_batch(tok, model, structured=False, tags=None):
+def rollout_batch(tok, model, structured=False, tags=None, seed=3):
     sampler = Sampler(model, tags=tags, pad_id=tok.pad_token_id)
     prompts = [tok.encode(t, add_special_tokens=False) for t in ["hello world", "how many apples are left now"]]
-    r = sampler.generate(prompts, n=4, max_new_tokens=24, stop_ids=[tok.eos_token_id], seed=3, structured=structured)
+    r = sampler.generate(prompts, n=4, max_new_tokens=24, stop_ids=[tok.eos_token_id], seed=seed, structured=structured)
     lengths = r.response_mask.sum(1)
     assert lengths.max() > lengths.min()  # mixed lengths
     adv = torch.linspace(-1.5, 1.5, 8)
@@ -144,7 +144,7 @@ def test_split_into_micro_batches_gives_the_same_gradients(tok, agg_mode):
 
 def test_structured_batch_trains_with_the_structure(tok, tags):
     model = apply_structured_attention(tiny(tok), tags)
-    batch = rollout_batch(tok, model, structured=True, tags=tags)
+    batch = rollout_batch(tok, model, structured=True, tags=tags, seed=1)  # a seed with mixed lengths
     cfg = toy_config(variant="structured")
     m = accumulate_gradients(model.train(), batch, cfg, Dist())
     assert m["sampler_logp_diff/max"] < 1e-4
@@ -240,7 +240,8 @@ def test_rows_without_loss_tokens_do_not_dilute_the_gradient(tok, agg_mode):
         m = copy.deepcopy(model).train()
         accumulate_gradients(m, part, cfg, Dist())
         grads.append([p.grad for p in m.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(*grads))
+    # fp32 rounding of other padding widths: ~4e-7 here; diluting by 3/6 would halve the seq-mean gradients
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(*grads))
     assert max(g.abs().max() for g in grads[0]) > 1e-4  # a real gradient
 
 
