@@ -142,7 +142,8 @@ def budget_figures(model, tags, pad, prompts, n, max_new, eos, repeats: int) -> 
             "refill_ratio": round(tps["refill"] / tps["every"], 3), "budget_rows": r.stats["pool_rows"],
             "refill_rows": N // 4, "budget_tokens_per_s": round(tps["small"], 1),
             "refill_tokens_per_s": round(tps["refill"], 1), "all_rows_tokens_per_s": round(tps["every"], 1),
-            "generate_chunked_tokens_per_s": round(tps["chunked"], 1), "budget_decode_steps": r.stats["steps"]}
+            "generate_chunked_tokens_per_s": round(tps["chunked"], 1), "budget_decode_steps": r.stats["steps"],
+            "slot_use": round(r.stats["slot_use"], 3)}
 
 
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

@@ -45,7 +45,8 @@ class Rollout:
     group_size: int
     # decode "steps"; joined "blocks", the "block_steps" they were open, their "path_tokens", the
     # "stalled_blocks" that waited for rows; the pool: "pool_rows", "peak_rows" (most rows in use at
-    # once), "kv_bytes" (the cache's allocation); "first_step" of each sample
+    # once), "kv_bytes" (the cache's allocation), "slot_use" (share of the slots of the rows in use that held
+    # a token, over all decode steps: what rows sized to real lengths would save); "first_step" of each sample
     stats: dict
 
     def sequences(self):
@@ -118,7 +119,8 @@ class RowPool:
 
     def __init__(self, cache: StaticKV, buf: RowBuffers):
         self.cache, self.buf, self.rows = cache, buf, []
-        self.peak = 0
+        self.peak = 0  # most rows in use at once
+        self.slots_used, self.row_steps = 0, 0  # slots holding a token / rows in use, summed over decode steps
 
     @property
     def free(self) -> int:

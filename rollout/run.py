@@ -168,7 +168,9 @@ class Run:
         lens = torch.tensor(self.res_len, device=dev)
         mask = torch.arange(width, device=dev)[None, :] < lens[:, None]  # (N, M)
         ids = self.res_tok[:, :width].masked_fill(~mask, pad_id)
-        stats = dict(self.stats, pool_rows=self.pool.cache.capacity, peak_rows=self.pool.peak, kv_bytes=cache_bytes,
+        pool = self.pool
+        stats = dict(self.stats, pool_rows=pool.cache.capacity, peak_rows=pool.peak, kv_bytes=cache_bytes,
+                     slot_use=pool.slots_used / max(pool.row_steps * pool.cache.slots, 1),
                      first_step=tuple(self.first_step))
         return Rollout(pids[src], pmask[src], ids, mask.long(), self.res_logp[:, :width] * mask,
                        (self.res_forced[:, :width] & mask).long(), self.res_pos[:, :width] * mask,

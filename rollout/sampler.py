@@ -166,6 +166,8 @@ class Sampler:
         idx = torch.arange(R, device=slot.device)
         cache.valid[idx[live], slot[live]] = True
         cache.slot, cache.width = slot, int(slot.max()) + 1
+        pool.slots_used += int(slot.sum()) + R  # what the rows hold after this step (a paged cache would hold only that)
+        pool.row_steps += R
         logits = self._forward(buf.tok[:R, None], buf.pos[:R, None], cache.mask(), cache)
         buf.slot[:R] += live.long()  # an idle row wrote nowhere it will ever see
         return logits

@@ -155,3 +155,14 @@ def test_should_stop_abandons_the_call_between_steps(tok, tags):
                    asked.append(1))
     assert len(asked) == 4 and m.training and m.config._attn_implementation == "sdpa"
     assert s.generate(prompts_of(tok, "7"), n=2, max_new_tokens=4).response_ids.shape[0] == 2
+
+
+def test_slot_use_is_the_share_of_row_slots_holding_tokens(tok, tags):
+    """stats["slot_use"]: the slots the rows in use held, over every decode step, / their width; for one prompt
+    of length L decoded for M steps by n rows: the mean of (L - 1 + t + 1) / (L - 1 + M) over t < M."""
+    m = spread_model(tok, tags)
+    prompt = prompts_of(tok, "hello world 1 2 3")
+    L, M = len(prompt[0]), 12
+    r = sampler(m, tok, tags).generate(prompt, n=3, max_new_tokens=M, seed=0)  # no stop id: every row runs M steps
+    want = sum((L + t) / (L - 1 + M) for t in range(M)) / M
+    assert r.stats["slot_use"] == pytest.approx(want)
