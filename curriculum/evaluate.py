@@ -28,7 +28,7 @@ from rewards import RewardFn, RewardPool
 from rollout import Sampler
 
 from . import report
-from .config import ConfigError, build_config, deep_merge, from_dict, parse_overrides, read_yaml
+from .config import ConfigError, RewardConfig, build_config, deep_merge, from_dict, parse_overrides, read_yaml
 from .data import DataError, load_examples
 from .prompts import encode_prompt, format_prompt
 from .report import EvalError, resume
@@ -93,7 +93,7 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
         left = sum(len(exs) for exs in benchmarks.values()) - len(finished)
         with RewardPool(workers=workers, timeout=timeout) as pool, \
                 tqdm(total=left, desc="eval", unit="problem", disable=not progress) as bar:
-            score = _scorer(pool, RewardFn(mode="accuracy", timeout=timeout / 2))  # the check gets half the limit
+            score = _scorer(pool, RewardFn.from_section(RewardConfig(timeout=timeout), mode="accuracy"))
             for name, examples in benchmarks.items():
                 bar.set_description(f"eval {name}")
                 per_call = _prompts_per_call(batch_prompts, max_batch_rows, ks[name])

@@ -71,9 +71,7 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
         truncate_metrics(run_dir, state.step) if d.main else None
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     r = cfg.reward
-    reward_fn = reward_fn or RewardFn(mode=r.mode, window=r.window, accuracy_steps=r.accuracy_steps, scaffold_until=r.scaffold_until,
-                         correct=r.correct, wrong=r.wrong, correct_parallel=r.correct_parallel, bonus=r.bonus,
-                         format_penalty=r.format_penalty, timeout=r.timeout / 2)  # the check gets half the pool's limit
+    reward_fn = reward_fn or RewardFn.from_section(r)
     stop = _StopFlag()
     bar = tqdm(range(state.step, g.steps), initial=state.step, total=g.steps, desc=cfg.name, disable=not d.main)
     with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop:
@@ -262,16 +260,16 @@ def _step_metrics(step, rollout, texts, scores, rewards, updates, G, sched, d, t
         sum(float(c.get("accuracy", 0.0)) for c in scores.components),
         sum(s.num_blocks > 0 for s in stats), sum(s.well_formed for s in stats),  # DESIGN: >= 1 valid block
         float(lengths.sum()), sum(r != "stop" for r in rollout.finish_reason), frac_zero_std(rewards, G) * len(texts) / G,
-        sum(first), len(first), float(rollout.response_mask.sum()), scores.timeouts,
+        sum(first), len(first), float(rollout.response_mask.sum()), scores.timeouts, scores.errors,
     ], dtype=torch.float64, device=d.device)
-    n, rs, rs2, acc, par, wf, ln, cut, zs, fp, nf, tok, to = all_reduce(local).tolist()
+    n, rs, rs2, acc, par, wf, ln, cut, zs, fp, nf, tok, to, err = all_reduce(local).tolist()
     max_len = all_reduce(lengths.max().to(d.device), op="max").item()
     mean = rs / n
     out = {"step": step, "reward": mean, "reward_std": math.sqrt(max(rs2 / n - mean * mean, 0.0)),
            "accuracy": acc / n, "parallel_ratio": par / n, "well_formed": wf / n,
            "completions/mean_length": ln / n, "completions/max_length": max_len, "completions/clipped_ratio": cut / n,
            "frac_reward_zero_std": zs / (n / G), "first_block_position": fp / nf if nf else None,
-           "reward_timeouts": to, "learning_rate": sched.get_last_lr()[0]}
+           "reward/timeouts": to, "reward/errors": err, "learning_rate": sched.get_last_lr()[0]}
     for k in updates[0]:
         vals = [u[k] for u in updates]
         out[k] = max(vals) if k.endswith("/max") else sum(vals) / len(vals)

@@ -90,8 +90,10 @@ def test_toy_reward_rises(tok, tags, tmp_path, variant):
     assert max(r["sampler_logp_diff/max"] for r in rows) < 1e-4  # on-policy all along
     for key in ("accuracy", "reward_std", "parallel_ratio", "completions/mean_length", "completions/clipped_ratio",
                 "frac_reward_zero_std", "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy", "grad_norm",
-                "learning_rate", "time/sample", "time/reward", "time/update", "tokens_per_s", "approx_kl"):
+                "learning_rate", "time/sample", "time/reward", "time/update", "tokens_per_s", "approx_kl",
+                "reward/timeouts", "reward/errors"):
         assert key in rows[-1], key
+    assert "reward_timeouts" not in rows[-1]
     assert os.path.exists(tmp_path / "training.png")
     assert os.path.isdir(tmp_path / "checkpoints" / "step-30" / "model")  # the final checkpoint
 
