@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -29,12 +30,18 @@ def main(argv=None) -> int:
         return cli(argv[1:])
     args = parse_args(argv)
     from curriculum.config import ConfigError, load_config, pipeline_stages, to_dict
+    from curriculum.preflight import preflight
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
     try:
         cfg = load_config(args.config, args.set, args.quick)
         stages = pipeline_stages(cfg)
+        notes = preflight(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"config error: {e}", file=sys.stderr)
         return 2
+    for note in notes if main_rank else []:
+        print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         import yaml
         for stage in stages:

@@ -28,23 +28,13 @@ from rewards import RewardFn, RewardPool
 from rollout import Sampler
 
 from . import report
-from .config import ConfigError, RewardConfig, build_config, deep_merge, from_dict, parse_overrides, read_yaml
+from .config import (ConfigError, RewardConfig, benchmark_path, benchmark_specs, build_config, deep_merge,
+                     parse_overrides, read_yaml)
 from .data import DataError, load_examples
 from .prompts import encode_prompt, format_prompt
 from .report import EvalError, resume
 
 VARIANTS = ("causal", "structured")
-
-
-@dataclass
-class BenchmarkSpec:
-    """One entry of eval.benchmarks (checked like every config key)."""
-    path: str | None = None  # JSONL/parquet; relative paths are read from eval.data_dir; default <name>.jsonl
-    samples: int | None = None  # responses per problem (the k of mean@k, pass@k); default 1
-    temperature: float | None = None  # default rollout.temperature
-    fields: dict | None = None  # our name -> column, as data.fields
-    repair_latex_escapes: bool = False  # undo the "\x0crac" JSON-escape damage (curriculum.data)
-    synthetic: dict | None = None  # the demo task instead of a file: {difficulty, n, seed}
 
 
 # --- the core -------------------------------------------------------------------------------------------
@@ -202,15 +192,6 @@ def eval_config(path: str = "eval.yaml", overrides: list | None = None, limit: i
     return cfg
 
 
-def benchmark_specs(cfg) -> dict:
-    specs = {}
-    for name, entry in cfg.eval.benchmarks.items():
-        if not isinstance(entry, dict):
-            raise ConfigError(f"eval.benchmarks.{name}: expected a mapping such as {{path: {name}.jsonl, samples: 16}}")
-        specs[name] = from_dict(BenchmarkSpec, entry, f"eval.benchmarks.{name}.")
-    return specs
-
-
 def load_benchmarks(cfg, only: list[str] | None = None) -> dict:
     """name -> examples of cfg.eval.benchmarks (or those named in `only`), eval.limit problems each."""
     specs = benchmark_specs(cfg)
@@ -227,8 +208,8 @@ def load_benchmarks(cfg, only: list[str] | None = None) -> dict:
             from .stages import synthetic_sets
             out[name] = synthetic_sets(spec.synthetic)[:cfg.eval.limit]
         else:
-            path = os.path.join(cfg.eval.data_dir, spec.path or f"{name}.jsonl")  # an absolute path stays
-            out[name] = load_examples(path, spec.fields, cfg.eval.limit, spec.repair_latex_escapes)
+            out[name] = load_examples(benchmark_path(cfg.eval.data_dir, name, spec), spec.fields, cfg.eval.limit,
+                                      spec.repair_latex_escapes)
     return out
 
 
