@@ -48,8 +48,10 @@ def main(argv=None) -> int:
             print(f"# --- {stage.name} ({stage.kind}, {stage.variant}) -> {stage.run_dir}")
             print(yaml.safe_dump(to_dict(stage), sort_keys=False))
         return 0
+    from curriculum.data import DataError
     from curriculum.summary import print_summary
     from curriculum.stages import run_pipeline
+    from grpo.checkpoint import CheckpointError
     from grpo.fsdp import close_distributed, init_distributed
     from grpo.trainer import StopRequested
     d = init_distributed(cfg.model.device)
@@ -60,6 +62,14 @@ def main(argv=None) -> int:
     except StopRequested as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    except (ConfigError, DataError, CheckpointError) as e:  # found once work began: no traceback
+        if d.main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # training diverged; the message names the checkpoint to go back to
+        if d.main:
+            print(f"stopped: {e}", file=sys.stderr)
+        return 1
     finally:
         close_distributed()
     return 0

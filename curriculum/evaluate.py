@@ -19,7 +19,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from grpo.checkpoint import is_complete, latest, list_checkpoints
+from grpo.checkpoint import defect, latest, list_checkpoints
 from model.tokenizer import decode_responses, newline_id, stop_token_ids as stop_ids
 # TODO(lead): these three belong in a public place under rollout/ (the trainer uses them too)
 from model import (apply_structured_attention, check_tokenizer_fits, load_model, load_tokenizer,
@@ -285,7 +285,7 @@ def run_models(run_dir: str, variant: str | None = None) -> list[ModelRef]:
     """Every complete checkpoint of a run in step order, then final/ (for --across)."""
     refs = []
     for _, path in list_checkpoints(run_dir):
-        problem = is_complete(path)
+        problem = defect(path)
         if problem is not None:
             warnings.warn(f"skipping checkpoint {path}: {problem}")
         elif _is_hf(os.path.join(path, "model")):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from grpo.checkpoint import is_complete, write_manifest
+from grpo.checkpoint import defect, write_manifest
 from grpo.fsdp import Dist, barrier, model_state_dict, parallelize
 from grpo.trainer import train_grpo
 from model import apply_structured_attention, build_model, check_tokenizer_fits, load_model, load_tokenizer, save_model
@@ -151,7 +151,7 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None) -> tuple[str, d
     """Train one stage; returns (final model directory, summary of held-out figures)."""
     final = os.path.join(cfg.run_dir, "final")
     summary_path = os.path.join(cfg.run_dir, "summary.json")
-    if is_complete(final) is None and os.path.exists(summary_path):
+    if defect(final) is None and os.path.exists(summary_path):
         with open(summary_path) as f:
             return final, json.load(f)  # done in an earlier run
     t0 = time.perf_counter()
@@ -199,7 +199,7 @@ def resolve_init(stage: Config, finals: dict) -> str | None:
         raise ValueError(f"{stage.name}: init_from={name!r} is neither an earlier stage of this pipeline "
                          f"({sorted(finals) or 'none'}), a model directory, nor a config in configs/") from None
     final = os.path.join(other.get("run_dir", os.path.join("runs", name)), "final")
-    if is_complete(final) is not None:
+    if defect(final) is not None:
         raise ValueError(f"{stage.name}: init_from={name!r} means {final}, which is not there yet: run "
                          f"configs/{name}.yaml first (or the pipeline, configs/pipeline.yaml)")
     return final

@@ -13,21 +13,37 @@ def append_metrics(run_dir: str, record: dict, name: str = "metrics.jsonl") -> N
         f.write(json.dumps(clean) + "\n")
 
 
+def _parsed_lines(path: str) -> list[tuple[str, dict]]:
+    """(line, record) per line of a JSONL log. A last line cut short by a crash is dropped; a bad line
+    anywhere else is damage we did not cause: ValueError naming file:line."""
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON record; delete that line (or the file) and run "
+                                 "again") from None
+    return out
+
+
 def read_metrics(run_dir: str, name: str = "metrics.jsonl") -> list[dict]:
     path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in _parsed_lines(path)] if os.path.exists(path) else []
 
 
 def truncate_metrics(run_dir: str, step: int, name: str = "metrics.jsonl") -> None:
-    """Drop records of steps >= `step` (a resumed run rewrites them)."""
-    rows = [r for r in read_metrics(run_dir, name) if r.get("step", -1) < step]
+    """Keep only the records of steps < `step` (a resumed run logs the later ones again; a torn last line
+    goes too). Rewritten under a temporary name and renamed, so a crash here loses nothing."""
     path = os.path.join(run_dir, name)
-    if os.path.exists(path):
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if not os.path.exists(path):
+        return
+    kept = [line for line, record in _parsed_lines(path) if record.get("step", -1) < step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(line + "\n" for line in kept)
+    os.replace(path + ".tmp", path)
 
 
 def plot_metrics(run_dir: str, panels: dict, name: str = "metrics.jsonl", out: str = "training.png") -> str | None:
@@ -55,3 +71,4 @@ def plot_metrics(run_dir: str, panels: dict, name: str = "metrics.jsonl", out: s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+

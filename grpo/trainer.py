@@ -10,7 +10,7 @@ import math
 import signal
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -27,7 +27,7 @@ from .fsdp import Dist, all_gather_cat, all_reduce, clip_grad_norm, gathered_for
 from .logprobs import token_logprobs
 from .loss import grpo_objective
 from .optim import build_optimizer
-from .runlog import append_metrics, plot_metrics, truncate_metrics
+from .runlog import append_metrics, plot_metrics
 
 PLOTS = {"reward": ["reward", "accuracy"], "parallel": ["parallel_ratio", "well_formed"],
          "length": ["completions/mean_length"], "first <Parallel>": ["first_block_position"]}
@@ -66,9 +66,9 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     opt, sched = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                  cfg.optim.warmup_steps, g.steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
     state = TrainState()
-    resumed = ckpt.resume(run_dir, cfg, model, opt, sched, state, feed, d)
-    if resumed:
-        truncate_metrics(run_dir, state.step) if d.main else None
+    ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, feed, d, expect={
+        "variant": cfg.variant, "model.build": cfg.model.build, "rollout.group_size": ro.group_size,
+        "grpo.prompts_per_step": g.prompts_per_step, "grpo.mini_batch_prompts": g.mini_batch_prompts})
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     r = cfg.reward
     reward_fn = reward_fn or RewardFn.from_section(r)
@@ -95,7 +95,7 @@ def save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, las
     SIGTERM asked to stop (all ranks decide together); then StopRequested if asked before the last step."""
     stopping = stop.requested(d)
     if stopping or last or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
-        ckpt.save(run_dir, cfg, model, opt, sched, state, d, tokenizer)
+        ckpt.save(run_dir, model, opt, sched, state, d, tokenizer, config=asdict(cfg), keep=cfg.checkpoint.keep)
     if stopping and not last:
         raise StopRequested(f"stopped at step {state.step}; checkpoint saved in {run_dir}/checkpoints")
 
