@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     from curriculum.stages import run_pipeline
     from grpo.checkpoint import CheckpointError
     from grpo.fsdp import close_distributed, init_distributed
+    from grpo.runlog import RunDirBusy
     from grpo.trainer import StopRequested
     d = init_distributed(cfg.model.device)
     try:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     except StopRequested as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, CheckpointError) as e:  # found once work began: no traceback
+    except (ConfigError, DataError, RunDirBusy, CheckpointError) as e:  # found once work began: no traceback
         if d.main:
             print(f"error: {e}", file=sys.stderr)
         return 2

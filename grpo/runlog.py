@@ -1,9 +1,12 @@
-"""metrics.jsonl (one JSON object per step) and the PNG plots drawn from it."""
+"""The run directory's own files: metrics.jsonl (one JSON object per step) and the PNG plots drawn from it,
+and the lock that makes one process the owner of a run directory."""
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import socket
 
 
 def append_metrics(run_dir: str, record: dict, name: str = "metrics.jsonl") -> None:
@@ -65,10 +68,61 @@ def plot_metrics(run_dir: str, panels: dict, name: str = "metrics.jsonl", out: s
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:  # a metric never logged (e.g. no block yet) leaves its panel empty
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(run_dir, out)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory's lock; the message names its pid and host."""
+
+
+class RunLock:
+    """An exclusive OS lock (fcntl.flock) on `<run_dir>/.lock`, a file holding the owner's "pid host". The
+    kernel drops the lock when its process dies, so a crash never leaves the directory locked: a lock file
+    still naming a dead process is taken over (`took_over` names it). A second live owner gets RunDirBusy.
+    Use `with RunLock(run_dir):` (or acquire / release). The lock is not inherited by exec'd children."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+        self.fd: int | None = None
+        self.took_over: str | None = None
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _owner(fd) or "another process"
+            os.close(fd)
+            raise RunDirBusy(f"{os.path.dirname(self.path)} is in use by {holder} (lock file {self.path}); wait "
+                             "for that run to end, or give this one another run_dir") from None
+        self.took_over = _owner(fd)  # left behind by a process that died without releasing it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty file: nobody to take over from
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _owner(fd: int) -> str | None:
+    """ "pid N on host H" from a lock file, or None when it is empty."""
+    parts = os.pread(fd, 200, 0).decode(errors="replace").split()
+    return f"pid {parts[0]} on host {parts[1] if len(parts) > 1 else '?'}" if parts else None
