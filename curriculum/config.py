@@ -76,8 +76,10 @@ class RolloutConfig:
     max_path_tokens: int | None = ranged(None, ge=1)  # path length limit, tags included (structured sampling)
     prefill_rows: int = ranged(64, ge=1)  # prompts per prefill forward
     # KV cache budget of the sampler (continuous batching: samples flow through the rows that fit)
-    kv_cache_gb: float | None = ranged(None, gt=0.0)  # GiB per rank; None = kv_cache_fraction of free CUDA memory, 4 GiB on CPU
-    kv_cache_fraction: float = ranged(0.7, gt=0.0, le=1.0)  # CUDA, kv_cache_gb unset: share of the memory free when sampling starts
+    # GiB per rank; None = kv_cache_fraction of free CUDA memory, 4 GiB on CPU
+    kv_cache_gb: float | None = ranged(None, gt=0.0)
+    # CUDA, kv_cache_gb unset: share of the memory free when sampling starts
+    kv_cache_fraction: float = ranged(0.7, gt=0.0, le=1.0)
 
 
 @dataclass

@@ -112,7 +112,8 @@ def check_files(cfg: Config, earlier: dict | None = None) -> None:
     for name, spec in benchmark_specs(cfg).items():
         if spec.synthetic is None:
             check_data(benchmark_path(cfg.eval.data_dir, name, spec), spec.fields, f"eval.benchmarks.{name}",
-                       cfg.eval.limit, hint="; set eval.data_dir, or --set eval.benchmarks={} to skip the end-of-stage evaluation")
+                       cfg.eval.limit, hint="; set eval.data_dir, or --set eval.benchmarks={} to skip the "
+                                            "end-of-stage evaluation")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not os.path.isdir(resume):
         raise ConfigError(f"checkpoint.resume: {resume!r} is not a directory; give auto, never or a checkpoint "

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from grpo import checkpoint as ckpt
-from grpo.fsdp import Dist, barrier, broadcast_object, parallelize
+from grpo.fsdp import Dist, broadcast_object, parallelize
 from grpo.runlog import RunDirBusy, RunLock
 from grpo.trainer import train_grpo
 from model import apply_structured_attention, build_model, check_tokenizer_fits, load_model, load_tokenizer
@@ -52,7 +52,8 @@ class PromptFeed:
         self.ids, self.cut = encode_stage_prompts(tokenizer, examples, cfg)
 
     def next_batch(self, n: int) -> list[PromptItem]:
-        return [PromptItem(self.examples[i].id, self.ids[i], self.examples[i].answer) for i in self.stream.next_batch(n)]
+        return [PromptItem(self.examples[i].id, self.ids[i], self.examples[i].answer)
+                for i in self.stream.next_batch(n)]
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -245,7 +246,8 @@ def plan_stage(cfg: Config, d: Dist, upstream_trained: bool = False) -> Plan:
                           f"{run_dir}/earlier-N), use another run_dir, or fork a checkpoint explicitly "
                           f"(checkpoint.resume: {run_dir}/checkpoints/step-N)")
     where = ckpt.latest_name(run_dir)
-    if ckpt.defect(os.path.join(run_dir, "final"), d=d) is None and os.path.exists(os.path.join(run_dir, "summary.json")):
+    finished = os.path.exists(os.path.join(run_dir, "summary.json"))
+    if finished and ckpt.defect(os.path.join(run_dir, "final"), d=d) is None:
         if not longer:
             evals = flatten(saved.get("eval") or {}) != flatten(to_dict(cfg.eval))
             return Plan("skip", f"stage {cfg.name} already finished, skipping ({run_dir}/final)" +
@@ -259,17 +261,23 @@ def plan_stage(cfg: Config, d: Dist, upstream_trained: bool = False) -> Plan:
 
 
 def move_aside(run_dir: str, d: Dist) -> None:
-    """Move a stage's earlier outputs into <run_dir>/earlier-<k> (nothing is deleted). Rank 0; a barrier."""
+    """Move a stage's earlier outputs into <run_dir>/earlier-<k> (nothing is deleted). Rank 0 moves, every
+    rank learns whether it could (a collective)."""
+    error = None
     if d.main:
         present = [name for name in OUTPUTS if os.path.exists(os.path.join(run_dir, name))]
-        if present:
-            k = 1
-            while os.path.exists(os.path.join(run_dir, f"earlier-{k}")):
-                k += 1
-            os.makedirs(os.path.join(run_dir, f"earlier-{k}"))
+        k = 1
+        while os.path.exists(os.path.join(run_dir, f"earlier-{k}")):
+            k += 1
+        try:
             for name in present:
+                os.makedirs(os.path.join(run_dir, f"earlier-{k}"), exist_ok=True)
                 os.replace(os.path.join(run_dir, name), os.path.join(run_dir, f"earlier-{k}", name))
-    barrier()
+        except OSError as e:
+            error = f"could not move the earlier attempt in {run_dir} aside: {e}"
+    error = broadcast_object(error)
+    if error:
+        raise RunDirBusy(error)
 
 
 @contextmanager
@@ -281,7 +289,7 @@ def own_run_dirs(paths: list[str], d: Dist):
         try:
             for path in dict.fromkeys(paths):
                 locks.append(RunLock(path).acquire())
-        except RunDirBusy as e:
+        except (RunDirBusy, OSError) as e:  # OSError: the directory cannot be made or locked at all
             error = str(e)
             for lock in locks:
                 lock.release()

@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -170,8 +171,9 @@ def write_failure(path: str, error: BaseException, run_dir: str) -> str:
     tail = (f"the latest checkpoint ({kept}) is intact" if kept else "no earlier checkpoint exists") + \
         " and the partial write was removed"
     if disk_full(error):
-        free = shutil.disk_usage(root).free / 2**30 if os.path.exists(root) else float("nan")
-        return (f"No space left on device while writing {path} ({free:.1f} GiB free in {root}); {tail}. "
+        free = shutil.disk_usage(root).free
+        left = f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+        return (f"No space left on device while writing {path} ({left} free in {root}); {tail}. "
                 "Free some space (or lower checkpoint.keep) and run again to resume")
     return f"could not write {path}: {error}; {tail}"
 
@@ -186,7 +188,8 @@ def latest_name(run_dir: str) -> str | None:
 
 def _finite(model, d: Dist) -> bool:
     """Every parameter finite, on every rank (under FSDP each rank checks its own shards)."""
-    bad = sum(int(not torch.isfinite(getattr(p, "to_local", lambda: p)().detach()).all()) for p in model.parameters())
+    local = [getattr(p, "to_local", lambda: p)().detach() for p in model.parameters()]  # DTensor -> its shard
+    bad = sum(int(not torch.isfinite(t).all()) for t in local)
     return all_reduce(torch.tensor(float(bad), device=d.device)).item() == 0
 
 
@@ -357,6 +360,10 @@ def _check_expected(path: str, expect: dict) -> None:
 
 
 def _load(path, model, opt, sched, state, feed, d: Dist) -> None:
+    if not os.path.exists(os.path.join(path, "trainer.json")):
+        raise CheckpointError(f"{path} was written by an earlier version (trainer.pt, pickled RNG states), which "
+                              "this one does not load, as nothing in a checkpoint may run code; finish that run with "
+                              "the earlier version, or start over (checkpoint.resume: never)")
     with open(os.path.join(path, "trainer.json")) as f:
         trainer = json.load(f)
     load_sharded(model, opt, os.path.join(path, "shards"), trainer["optimizer_state"])
@@ -378,8 +385,10 @@ def _load_tensors(path: str):
     try:
         return torch.load(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as e:
-        raise CheckpointError(f"{path} holds something other than tensors and plain values, refused (nothing "
-                              f"in a checkpoint may run code): {str(e).splitlines()[0]}") from None
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} holds an object other than tensors and plain values{what}; refused, as "
+                              "nothing in a checkpoint may run code") from None
 
 
 def _rng_state() -> dict:

@@ -291,7 +291,7 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tok, tmp_path, mo
         save_step(tok, tmp_path, model, opt, sched, 2)
     message = str(err.value)
     assert message.startswith("No space left on device while writing") and "step-2" in message
-    assert "GiB free in" in message and "step-1) is intact" in message and "\n" not in message
+    assert "iB free in" in message and "step-1) is intact" in message and "\n" not in message
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-1"]  # no step-2.tmp left
     monkeypatch.undo()
     assert resume_into(tok, tmp_path)[0].endswith("step-1")

@@ -87,7 +87,8 @@ def test_format_penalty_on_malformed_only():
 
 
 def test_configurable_values():
-    reward_fn = make_reward(mode="alternating", correct=2.0, wrong=0.0, correct_parallel=3.0, window=4, accuracy_steps=1)
+    reward_fn = make_reward(mode="alternating", correct=2.0, wrong=0.0, correct_parallel=3.0, window=4,
+                            accuracy_steps=1)
     assert [reward_fn(PARALLEL_RIGHT, GOLD, s)[0] for s in range(5)] == [2.0, 3.0, 3.0, 3.0, 2.0]
     assert reward_fn(PLAIN_WRONG, GOLD, 1)[0] == 0.0
 
