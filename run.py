@@ -40,21 +40,22 @@ def main(argv=None) -> int:
               "world size and the CUDA device found", file=sys.stderr)
         return 2
     from curriculum.config import CONFIG_DIR, ConfigError, load_config, pipeline_stages, to_dict
-    # the package's demo wherever the command runs (a relative default would follow the working directory)
-    config = args.config or os.path.join(CONFIG_DIR, "demo.yaml")
-    try:
-        cfg = load_config(config, args.set, args.quick)
-        stages = pipeline_stages(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     from curriculum.memory import first_problem, format_plan, parse_bytes, run_device_bytes, stage_plans
-    try:  # the memory plan: a config that cannot fit stops here, before any work
+    from curriculum.preflight import preflight
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # every bad input, and a config that cannot fit in memory, stops here: before any work
+        cfg = load_config(args.config or os.path.join(CONFIG_DIR, "demo.yaml"), args.set, args.quick)
+        stages = pipeline_stages(cfg)
+        notes = preflight(cfg, world=world)
         device = parse_bytes(args.device_memory) if args.device_memory else run_device_bytes(cfg.model.device)
-    except ValueError as e:
-        print(f"--device-memory: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if main_rank:
+            print(f"config error: {e}", file=sys.stderr)
         return 2
-    plans = stage_plans(stages, args.world_size or int(os.environ.get("WORLD_SIZE", 1)), device)
+    plans = stage_plans(stages, world, device)
+    for note in notes if main_rank else []:
+        print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         import yaml
         for stage, plan in plans:
@@ -62,14 +63,23 @@ def main(argv=None) -> int:
             print(yaml.safe_dump(to_dict(stage), sort_keys=False))
             print(plan if isinstance(plan, str) else format_plan(plan), end="\n\n")
     problem = first_problem(plans)
-    if problem and os.environ.get("RANK", "0") == "0":
+    if problem and main_rank:
         print(f"memory: {problem}", file=sys.stderr)
     if problem or args.dry_run:
         return 2 if problem else 0
+    return train(cfg)
+
+
+def train(cfg) -> int:
+    """Run the validated config's stages; user-caused failures found once work began end in one line."""
+    from curriculum.config import ConfigError
+    from curriculum.data import DataError
     from curriculum.summary import print_summary
     from curriculum.stages import run_pipeline
+    from grpo.checkpoint import CheckpointError
     from grpo.fsdp import close_distributed, init_distributed
     from grpo.loop import StopRequested
+    from grpo.runlog import RunDirBusy
     d = init_distributed(cfg.model.device)
     try:
         summaries = run_pipeline(cfg, d)
@@ -78,6 +88,14 @@ def main(argv=None) -> int:
     except StopRequested as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    except (ConfigError, DataError, RunDirBusy, CheckpointError) as e:  # found once work began: no traceback
+        if d.main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # training diverged; the message names the checkpoint to go back to
+        if d.main:
+            print(f"stopped: {e}", file=sys.stderr)
+        return 1
     finally:
         close_distributed()
     return 0

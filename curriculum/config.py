@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import operator
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +25,19 @@ class ConfigError(ValueError):
     """A bad config: the message names the dotted key (or file) and what is allowed."""
 
 
+def ranged(default, *, ge=None, gt=None, le=None, lt=None):
+    """A field whose value must lie in a range, checked with its type when the config is read (None passes)."""
+    return field(default=default, metadata={"range": {">=": ge, ">": gt, "<=": le, "<": lt}})
+
+
+def matching(default: str, pattern: str, what: str):
+    """A string field that must match `pattern` in full; `what` says what is allowed."""
+    return field(default=default, metadata={"pattern": pattern, "what": what})
+
+
+PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a stage name becomes a directory under run_dir: no '/', no '..'
+
+
 @dataclass
 class ModelConfig:
     path: str | None = None  # local Hugging Face Qwen3 directory (or a checkpoint's model/ directory)
@@ -30,50 +46,53 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameters (FSDP reduces in fp32)
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False  # activation checkpointing on each decoder layer
-    device: str = "auto"  # auto = cuda:<local rank> when CUDA is available, else cpu
+    # auto = cuda:<local rank> when CUDA is available, else cpu
+    device: str = matching("auto", r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")
 
 
 @dataclass
 class DataConfig:
     train: str | None = None  # JSONL or parquet of questions and answers
     val: str | None = None  # held-out file; when absent, `val_size` rows of train are held out
-    val_size: int | float = 0  # rows (int) or a fraction (float) of train held out for validation
+    val_size: int | float = 0  # rows (int >= 0) or a fraction (float in (0, 1)) of train held out for validation
     fields: dict = field(default_factory=dict)  # our name -> column, e.g. {question: problem}
-    limit: int | None = None  # read only the first rows (debugging)
+    limit: int | None = ranged(None, ge=1)  # read only the first rows (debugging)
     repair_latex_escapes: bool = False  # undo the JSON-escape bug of DAPO-Math-17k ("\x0crac")
     prompt_style: Literal["parallel", "plain", "none", "demo", "demo_plain"] = "parallel"
     template: Literal["chat", "raw"] = "raw"  # chat template, or raw text (base models)
-    max_prompt_tokens: int = 2000  # longer prompts are cut from the left
-    synthetic: dict | None = None  # the demo task instead of files: {easy: n, hard: n, seed: s}
+    max_prompt_tokens: int = ranged(2000, ge=1)  # longer prompts are cut from the left
+    synthetic: dict | None = None  # the demo task instead of files: {difficulty, n, seed, solution}
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 8  # samples per prompt (G)
-    max_new_tokens: int = 3000  # response limit, paths and forced tags included
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    num_paths: int = 2  # paths per block (structured sampling)
-    max_parallel_blocks: int = 4  # blocks per response (structured sampling)
-    max_path_tokens: int | None = None  # path length limit, tags included (structured sampling)
-    prefill_rows: int = 64  # prompts per prefill forward
+    group_size: int = ranged(8, ge=2)  # samples per prompt (G); a group of one has no advantage
+    max_new_tokens: int = ranged(3000, ge=1)  # response limit, paths and forced tags included
+    temperature: float = ranged(1.0, ge=0.0)  # 0 = greedy (evaluation only; GRPO needs > 0)
+    top_p: float = ranged(1.0, gt=0.0, le=1.0)
+    top_k: int = ranged(0, ge=0)  # 0 = off
+    num_paths: int = ranged(2, ge=2)  # paths per block (structured sampling)
+    max_parallel_blocks: int = ranged(4, ge=0)  # blocks per response (structured sampling)
+    max_path_tokens: int | None = ranged(None, ge=1)  # path length limit, tags included (structured sampling)
+    prefill_rows: int = ranged(64, ge=1)  # prompts per prefill forward
     # KV cache budget of the sampler (continuous batching: samples flow through the rows that fit)
-    kv_cache_gb: float | None = None  # GiB per rank; None = kv_cache_fraction of free CUDA memory, 4 GiB on CPU
-    kv_cache_fraction: float = 0.7  # CUDA, kv_cache_gb unset: share of the memory free when sampling starts
+    # GiB per rank; None = kv_cache_fraction of free CUDA memory, 4 GiB on CPU
+    kv_cache_gb: float | None = ranged(None, gt=0.0)
+    # CUDA, kv_cache_gb unset: share of the memory free when sampling starts
+    kv_cache_fraction: float = ranged(0.7, gt=0.0, le=1.0)
 
 
 @dataclass
 class GRPOConfig:
-    steps: int = 100  # optimizer-step rounds (one rollout batch each)
-    prompts_per_step: int = 256  # P, over all ranks
-    mini_batch_prompts: int = 128  # prompts per optimizer update; P / this = updates per step
-    ppo_epochs: int = 1  # passes over each rollout batch
-    micro_batch_tokens: int = 16384  # padded tokens per forward/backward
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # 0.28 = DAPO's clip-higher
-    clip_c: float | None = None  # dual clip (> 1) for negative advantages
-    kl_coef: float = 0.0  # 0: no reference model is loaded or run
+    steps: int = ranged(100, ge=1)  # optimizer-step rounds (one rollout batch each)
+    prompts_per_step: int = ranged(256, ge=1)  # P, over all ranks
+    mini_batch_prompts: int = ranged(128, ge=1)  # prompts per optimizer update; P / this = updates per step
+    ppo_epochs: int = ranged(1, ge=1)  # passes over each rollout batch
+    micro_batch_tokens: int = ranged(16384, ge=1)  # padded tokens per forward/backward
+    clip_low: float = ranged(0.2, ge=0.0, lt=1.0)
+    clip_high: float = ranged(0.2, ge=0.0)  # 0.28 = DAPO's clip-higher
+    clip_c: float | None = ranged(None, gt=1.0)  # dual clip (> 1) for negative advantages
+    kl_coef: float = ranged(0.0, ge=0.0)  # 0: no reference model is loaded or run
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
     agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
@@ -81,72 +100,89 @@ class GRPOConfig:
     filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
     mask_truncated: bool = False  # no loss on responses cut by the length limit
     loss_on_forced: bool = False  # train on forced structural tokens too
-    logprob_chunk: int = 1024  # sequence chunk of the chunked log-prob head
-    max_bad_steps: int = 3  # stop after this many non-finite updates in a row
+    logprob_chunk: int = ranged(1024, ge=1)  # sequence chunk of the chunked log-prob head
+    max_bad_steps: int = ranged(3, ge=1)  # stop after this many non-finite updates in a row
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0  # max gradient norm; 0 = off
-    warmup_steps: int = 0
+    # AdamW moves every weight by about lr per update, so an lr above 1 is a typo (0 = frozen weights)
+    lr: float = ranged(1e-6, ge=0.0, le=1.0)
+    weight_decay: float = ranged(0.0, ge=0.0)
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # two numbers in [0, 1)
+    grad_clip: float = ranged(1.0, ge=0.0)  # max gradient norm; 0 = off
+    warmup_steps: int = ranged(0, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup
-    min_lr_ratio: float = 0.0  # cosine/linear floor, as a fraction of lr
+    min_lr_ratio: float = ranged(0.0, ge=0.0, le=1.0)  # cosine/linear floor, as a fraction of lr
 
 
 @dataclass
 class RewardConfig:
+    """The reward function (rewards.RewardFn.from_section reads the fields it shares with this section) and
+    the pool that runs it (`workers`, `timeout`)."""
     mode: Literal["accuracy", "alternating", "parallel_bonus"] = "accuracy"
-    window: int = 10  # alternating: steps per window
-    accuracy_steps: int = 8  # alternating: accuracy-only steps at the start of each window
+    window: int = ranged(10, ge=1)  # alternating: steps per window
+    accuracy_steps: int = ranged(8, ge=0)  # alternating: accuracy-only steps at the start of each window (<= window)
     correct: float = 1.0
     wrong: float = -1.0
     correct_parallel: float = 1.2  # alternating: correct with a well-formed block
     bonus: float = 0.2  # parallel_bonus: added for a well-formed block
     format_penalty: float = 0.0  # added when the tags are not well formed (0 = off)
-    scaffold_until: int | None = None  # parallel reward off after this step
-    workers: int = 2  # reward processes (0 = in-process)
-    timeout: float = 10.0  # seconds per response
+    scaffold_until: int | None = ranged(None, ge=0)  # parallel reward off after this step
+    workers: int = ranged(2, ge=0)  # reward processes (0 = in-process)
+    timeout: float = ranged(10.0, gt=0.0)  # seconds per response (the equivalence check gets half)
 
 
 @dataclass
 class SFTConfig:
-    epochs: float = 2.0  # passes over the training set
-    steps: int | None = None  # instead of epochs: a fixed number of optimizer steps
-    batch_size: int = 64  # sequences per optimizer step, over all ranks
-    micro_batch_tokens: int = 16384
-    max_total_tokens: int = 4096  # prompt + solution
-    eval_every: int = 0  # validation loss + sampled format validity every N steps (0 = once per epoch)
-    eval_samples: int = 32  # prompts sampled for the format-validity figure
+    epochs: float = ranged(2.0, gt=0.0)  # passes over the training set
+    steps: int | None = ranged(None, ge=1)  # instead of epochs: a fixed number of optimizer steps
+    batch_size: int = ranged(64, ge=1)  # sequences per optimizer step, over all ranks
+    micro_batch_tokens: int = ranged(16384, ge=1)
+    max_total_tokens: int = ranged(4096, ge=2)  # prompt + solution (> data.max_prompt_tokens)
+    eval_every: int = ranged(0, ge=0)  # validation loss + sampled format validity every N steps (0 = once per epoch)
+    eval_samples: int = ranged(32, ge=0)  # prompts sampled for the format-validity figure
+
+
+@dataclass
+class BenchmarkSpec:
+    """One entry of eval.benchmarks (checked like every config key)."""
+    path: str | None = None  # JSONL/parquet; relative paths are read from eval.data_dir; default <name>.jsonl
+    samples: int | None = ranged(None, ge=1)  # responses per problem (the k of mean@k, pass@k); default 1
+    temperature: float | None = ranged(None, ge=0.0)  # default rollout.temperature
+    fields: dict | None = None  # our name -> column, as data.fields
+    repair_latex_escapes: bool = False  # undo the "\x0crac" JSON-escape damage (curriculum.data)
+    synthetic: dict | None = None  # the demo task instead of a file: {difficulty, n, seed}
 
 
 @dataclass
 class EvalConfig:
-    # name -> {path, samples, temperature, fields, repair_latex_escapes, synthetic}; checked key by key by
-    # curriculum.evaluate.BenchmarkSpec (a relative path is read from data_dir; default <data_dir>/<name>.jsonl)
+    # name -> BenchmarkSpec fields, checked key by key; `--set eval.benchmarks={}` turns the end-of-stage
+    # evaluation off (a relative path is read from data_dir; default <data_dir>/<name>.jsonl)
     benchmarks: dict = field(default_factory=dict)
     data_dir: str = "data"  # where benchmark files are looked up by default
-    limit: int | None = None  # problems per benchmark (debugging)
-    samples: int | None = None  # responses per problem for every benchmark, overriding theirs (quick looks)
-    batch_prompts: int = 32  # prompts per sampler call (and per resumable record batch); memory: rollout.kv_cache_gb
-    every: int = 0  # stages: held-out evaluation every N steps (0 = at the end only)
+    limit: int | None = ranged(None, ge=1)  # problems per benchmark (debugging)
+    samples: int | None = ranged(None, ge=1)  # responses per problem for every benchmark, overriding theirs
+    batch_prompts: int = ranged(32, ge=1)  # prompts per sampler call (and per resumable record batch); memory: rollout.kv_cache_gb
+    every: int = ranged(0, ge=0)  # stages: held-out evaluation every N steps (0 = at the end only)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 50  # steps between checkpoints (0 = only the final one)
-    keep: int = 3  # complete checkpoints kept
-    resume: str = "auto"  # auto = latest complete one in run_dir/checkpoints; never; or a path
+    every: int = ranged(50, ge=0)  # steps between checkpoints (0 = only the final one)
+    keep: int = ranged(3, ge=0)  # complete checkpoints kept (0 = all)
+    # auto = the latest complete one in run_dir/checkpoints; never = start over (an earlier attempt in run_dir
+    # is moved aside); or a checkpoint directory (a deliberate fork: its config may differ from this one)
+    resume: str = "auto"
 
 
 @dataclass
 class Config:
-    name: str = "run"
+    name: str = matching("run", PLAIN_NAME, "a plain name (letters, digits, '.', '_', '-'; a pipeline stage's "
+                         "run directory is <run_dir>/<name>)")
     kind: Literal["sft", "grpo", "pipeline"] = "grpo"
     variant: Literal["causal", "structured"] = "causal"
-    seed: int = 0
+    seed: int = ranged(0, ge=0)
     run_dir: str = "runs/run"  # metrics.jsonl, plots, checkpoints, final/ (the HF export)
     init_from: str | None = None  # a model directory, or the name of an earlier stage of the pipeline
     stages: list = field(default_factory=list)  # pipeline: stage files or inline stage dicts, in order
@@ -162,7 +198,17 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+SECTIONS = tuple(name for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp))
+
+
 # --- building a typed tree from plain dicts -----------------------------------------------------------
+
+def _yaml_bool_hint(value, key: str) -> str:
+    if not isinstance(value, bool):
+        return ""
+    return (f"; YAML reads unquoted no/off/false and yes/on/true as booleans: quote the value, "
+            f"e.g. {key.rsplit('.', 1)[-1]}: 'off'")
+
 
 def _check_value(value, tp, key: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -177,8 +223,9 @@ def _check_value(value, tp, key: str):
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+        if isinstance(value, bool) or value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}"
+                              + _yaml_bool_hint(value, key))
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -186,29 +233,48 @@ def _check_value(value, tp, key: str):
         return from_dict(tp, value, key + ".")
     want = origin or tp
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if want is float and isinstance(value, str):  # YAML reads 1e-6 as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+    if not isinstance(value, want) or (want in (int, float) and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {getattr(want, '__name__', want)}, got {value!r} "
-                          f"({type(value).__name__})")
+                          f"({type(value).__name__})" + _yaml_bool_hint(value, key))
+    if want is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     return value
 
 
+def _check_rules(value, meta, key: str) -> None:
+    """The range / pattern a field declares (ranged, matching); None always passes."""
+    if value is None:
+        return
+    for op, bound in meta.get("range", {}).items():
+        if bound is not None and not OPS[op](value, bound):
+            limits = " and ".join(f"{o} {b}" for o, b in meta["range"].items() if b is not None)
+            raise ConfigError(f"{key}: {value!r} is out of range; it must be {limits}")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        raise ConfigError(f"{key}: {value!r} is not allowed; it must be {meta['what']}")
+
+
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
-    """An instance of dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
+    """An instance of dataclass `cls` from `data`; unknown keys, wrong types and values out of a field's
+    range raise ConfigError."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in (data or {}).items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {names}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {list(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _check_value(value, hints[key], prefix + key)
+        _check_rules(kwargs[key], fields[key].metadata, prefix + key)
     return cls(**kwargs)
 
 
@@ -216,10 +282,13 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict, top: bool = True) -> dict:
+    """`extra` over `base`, mappings merged key by key. An empty mapping replaces (`--set eval.benchmarks={}`
+    empties the benchmarks), except for a whole section at the top level, where it changes nothing."""
     out = dict(base)
     for k, v in (extra or {}).items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and (v or (top and k in SECTIONS))
+        out[k] = deep_merge(out[k], v, top=False) if merge else v
     return out
 
 
@@ -227,14 +296,23 @@ def parse_overrides(items: list) -> dict:
     """["grpo.clip_high=0.28", "variant=structured"] -> nested dict (values parsed as YAML)."""
     out: dict = {}
     for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set grpo.clip_high=0.28")
-        key, raw = item.split("=", 1)
-        node = out
+        key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        if not sep or not all(p.strip() for p in parts):
+            raise ConfigError(f"--set {item!r}: expected key=value with a dotted key, e.g. --set grpo.clip_high=0.28")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote strings, "
+                              "e.g. --set 'name=\"a: b\"'") from None
+        node = out
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} was set to a value by an earlier "
+                                  "--set; it cannot also hold keys")
+        node[parts[-1]] = value
     return out
 
 
@@ -279,7 +357,8 @@ PIPELINE_ONLY = ("kind", "name", "stages", "quick", "run_dir")
 
 
 def load_config(path: str, overrides: list | None = None, quick: bool = False) -> Config:
-    """Read a YAML config, apply `--quick` (its `quick:` block) and `--set` overrides, and validate.
+    """Read a YAML config, apply `--quick` (its `quick:` block) and `--set` overrides, and validate every key's
+    type and range (curriculum.preflight checks the rules between keys and the files).
 
     For a pipeline, every stage is resolved here into a full dict: the pipeline's own keys as shared
     defaults, then the stage's keys, then `quick` and `--set` again, so `--set variant=structured`
@@ -299,8 +378,7 @@ def load_config(path: str, overrides: list | None = None, quick: bool = False) -
                 raise ConfigError(f"stages[{i}]: expected a stage file name or a mapping, got {entry!r}")
             resolved.append(deep_merge(deep_merge(shared, raw), late_stage))
         cfg.stages = resolved
-    for stage in pipeline_stages(cfg):
-        check_files(stage)
+    pipeline_stages(cfg)  # every stage builds
     return cfg
 
 
@@ -313,15 +391,33 @@ def pipeline_stages(cfg: Config) -> list[Config]:
     for i, raw in enumerate(cfg.stages):
         data = dict(raw)
         data.setdefault("name", f"stage{i}")
-        data["run_dir"] = os.path.join(cfg.run_dir, data["name"])
         try:
-            stage = build_config(data)
+            stage = build_config(data)  # the name is checked here: a plain name, so run_dir stays inside
         except ConfigError as e:
             raise ConfigError(f"stages[{i}] ({data['name']}): {e}") from None
         if stage.kind == "pipeline":
             raise ConfigError(f"stages[{i}]: a stage cannot itself be a pipeline")
+        if stage.name in [s.name for s in out]:
+            raise ConfigError(f"stages[{i}]: a second stage named {stage.name!r}; stage names must differ (each "
+                              "is a directory under run_dir)")
+        stage.run_dir = os.path.join(cfg.run_dir, stage.name)
         out.append(stage)
     return out
+
+
+def benchmark_specs(cfg: Config) -> dict:
+    """name -> BenchmarkSpec of cfg.eval.benchmarks, every key checked."""
+    specs = {}
+    for name, entry in cfg.eval.benchmarks.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"eval.benchmarks.{name}: expected a mapping such as {{path: {name}.jsonl, samples: 16}}")
+        specs[name] = from_dict(BenchmarkSpec, entry, f"eval.benchmarks.{name}.")
+    return specs
+
+
+def benchmark_path(data_dir: str, name: str, spec: BenchmarkSpec) -> str:
+    """The file of a benchmark: spec.path (relative to data_dir; an absolute path stays), default <name>.jsonl."""
+    return os.path.join(data_dir, spec.path or f"{name}.jsonl")
 
 
 def _explicit(values: dict, defaults: dict) -> dict:
@@ -335,28 +431,6 @@ def _explicit(values: dict, defaults: dict) -> dict:
         elif v != defaults.get(k):
             out[k] = v
     return out
-
-
-def check_files(cfg: Config) -> None:
-    """Missing model, tokenizer or data files stop the run before any work, naming the key."""
-    if cfg.kind == "pipeline":
-        return
-    if cfg.model.path is None and cfg.model.build is None and cfg.init_from is None:
-        raise ConfigError("model.path: no model given; set model.path (a local Qwen3 directory), "
-                          "model.build (random init) or init_from")
-    if cfg.model.path is not None and cfg.init_from is None and not os.path.isdir(cfg.model.path):
-        raise ConfigError(f"model.path: directory {cfg.model.path!r} does not exist (models load from local "
-                          "paths only; download Qwen3-4B-Base first and point model.path at it)")
-    tok = cfg.model.tokenizer
-    if tok not in (None, "words") and not os.path.isdir(tok):
-        raise ConfigError(f"model.tokenizer: directory {tok!r} does not exist")
-    if cfg.data.synthetic is None:
-        for key in ("train", "val"):
-            path = getattr(cfg.data, key)
-            if key == "train" and path is None:
-                raise ConfigError("data.train: no training file given (or set data.synthetic for the demo task)")
-            if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"data.{key}: file {path!r} does not exist")
 
 
 def save_config(cfg: Config, path: str) -> None:

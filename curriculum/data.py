@@ -3,7 +3,9 @@ deterministic train/validation split, and `PromptStream`, the endless resumable 
 that feeds GRPO prompts. A bad row stops with `DataError` naming the file, the line and the field."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field, replace
@@ -51,23 +53,47 @@ def load_examples(path: str, fields: dict | None = None, limit: int | None = Non
         written as a form feed + "rac" (see LATEX_ESCAPE_REPAIRS); off by default, the data stay verbatim.
     """
     columns = _column_map(fields)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such data file; check the path in the config (data dir: "
-                                f"{os.path.abspath(os.path.dirname(path) or '.')})")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
-    elif ext == ".parquet":
-        rows = _parquet_rows(path, limit)
-    else:
-        raise ValueError(f"{path}: unknown data format {ext!r}; use .jsonl, .json (JSON lines) or .parquet")
     examples = []
-    for where, row in rows:
+    for where, row in _read_rows(path, limit):
         if limit is not None and len(examples) >= limit:
             break
         ex = _to_example(row, columns, len(examples), f"{path}:{where}")
         examples.append(_repair(ex) if repair_latex_escapes else ex)
     return examples
+
+
+def check_file(path: str, fields: dict | None = None, rows: int = 100, need_solution: bool = False) -> None:
+    """Read the first `rows` rows of a data file as `load_examples` does (encoding, JSON, fields, types) and
+    check that every column `fields` names appears in them; DataError / FileNotFoundError / ValueError naming
+    the file (and line) otherwise. Cheap: what a run checks before any work."""
+    columns = _column_map(fields)
+    count, seen = 0, set()
+    for where, row in itertools.islice(_read_rows(path, rows), rows):
+        ex = _to_example(row, columns, count, f"{path}:{where}")
+        if need_solution and not ex.solution:
+            raise DataError(f"{path}:{where}: no solution (field 'solution', column {columns['solution']!r}); "
+                            "SFT needs one in every row")
+        count += 1
+        seen |= {name for name, col in columns.items() if _lookup(row, col) is not _ABSENT}
+    if not count:
+        raise DataError(f"{path}: no rows; the file is empty")
+    for name, column in (fields or {}).items():
+        if name not in seen:
+            raise DataError(f"{path}: fields maps {name!r} to column {column!r}, which none of the first "
+                            f"{count} rows holds")
+
+
+def _read_rows(path: str, limit: int | None):
+    """(where, dict) per row of a JSONL or parquet file; `where` is the line ("row i" for parquet)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such data file; check the path in the config (data dir: "
+                                f"{os.path.abspath(os.path.dirname(path) or '.')})")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".json"):
+        return _jsonl_rows(path)
+    if ext == ".parquet":
+        return _parquet_rows(path, limit)
+    raise ValueError(f"{path}: unknown data format {ext!r}; use .jsonl, .json (JSON lines) or .parquet")
 
 
 def _column_map(fields: dict | None) -> dict:
@@ -79,8 +105,13 @@ def _column_map(fields: dict | None) -> dict:
 
 def _jsonl_rows(path: str):
     """Yield (1-based line number, dict) for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -107,34 +138,44 @@ def _parquet_rows(path: str, limit: int | None):
         yield f"row {i}", row
 
 
+_ABSENT = object()  # a column the row does not have (None is a column holding null)
+
+
 def _lookup(row: dict, column: str):
-    """row[column], or a nested value for a dotted column name; None when absent."""
+    """row[column], or a nested value for a dotted column name; _ABSENT when there is none."""
     if column in row:
         return row[column]
     value = row
     for part in column.split("."):
         if not isinstance(value, dict) or part not in value:
-            return None
+            return _ABSENT
         value = value[part]
     return value
 
 
 def _as_text(value, name: str, column: str, where: str) -> str | None:
-    """Strings pass, numbers become strings (27.0 -> "27"), None stays None, anything else stops."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+    """Strings pass, integers and whole floats become strings (27.0 -> "27"), null and absent give None;
+    NaN, infinities and fractional floats stop (a JSON float is not the answer as written)."""
+    if value is None or value is _ABSENT or isinstance(value, str):
+        return None if value is _ABSENT else value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field {name!r} (column {column!r}) is {value}; give a real value")
+    if isinstance(value, float) and not value.is_integer():
+        raise DataError(f"{where}: field {name!r} (column {column!r}) is the float {value!r}; write it as a "
+                        f"string (\"{value!r}\") so it is used exactly as written")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+        return str(int(value))
     raise DataError(f"{where}: field {name!r} (column {column!r}) must be a string or a number, "
                     f"got {type(value).__name__}; map another column with fields={{{name!r}: ...}}")
 
 
 def _to_example(row: dict, columns: dict, index: int, where: str) -> Example:
-    values = {name: _as_text(_lookup(row, col), name, col, where) for name, col in columns.items()}
+    found = {name: _lookup(row, col) for name, col in columns.items()}
+    values = {name: _as_text(v, name, columns[name], where) for name, v in found.items()}
     for name in _REQUIRED:
-        if values[name] is None:
+        if found[name] is None:
+            raise DataError(f"{where}: field {name!r} (column {columns[name]!r}) is null; every row needs one")
+        if found[name] is _ABSENT:
             raise DataError(f"{where}: missing field {name!r} (column {columns[name]!r}); the row has "
                             f"columns {sorted(row)}; map the right one with fields={{{name!r}: ...}}")
         if not values[name].strip():
@@ -233,8 +274,9 @@ class PromptStream:
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("seed", self.seed), ("num_examples", len(self.examples))):
             if key in state and state[key] != mine:
-                raise ValueError(f"PromptStream.load_state_dict: saved {key}={state[key]} but this stream "
-                                 f"has {key}={mine}; resume with the same data and seed")
+                raise DataError(f"the checkpoint's data position was saved with {key}={state[key]}, but the data "
+                                f"now have {key}={mine}: the data changed since; resume with the same data and "
+                                "seed, or start over (checkpoint.resume: never)")
         if not 0 <= state["position"] <= len(self.examples):
             raise ValueError(f"PromptStream.load_state_dict: position {state['position']} is outside "
                              f"0..{len(self.examples)}")

@@ -19,7 +19,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from grpo.checkpoint import is_complete, latest, list_checkpoints
+from grpo.checkpoint import defect, latest, list_checkpoints
 from model.tokenizer import decode_responses, newline_id, stop_token_ids as stop_ids
 # TODO(lead): these three belong in a public place under rollout/ (the trainer uses them too)
 from model import (apply_structured_attention, check_tokenizer_fits, export_info, load_model, load_tokenizer,
@@ -28,7 +28,8 @@ from rewards import RewardFn, RewardPool
 from rollout import Sampler
 
 from . import report
-from .config import CONFIG_DIR, ConfigError, build_config, deep_merge, from_dict, parse_overrides, read_yaml
+from .config import (CONFIG_DIR, ConfigError, RewardConfig, benchmark_path, benchmark_specs, build_config,
+                     deep_merge, parse_overrides, read_yaml)
 from .data import DataError, load_examples
 from .prompts import encode_prompt, format_prompt
 from .report import EvalError, resume
@@ -36,17 +37,6 @@ from .synthetic import synthetic_sets
 
 VARIANTS = ("causal", "structured")
 PROMPT_KEYS = ("template", "prompt_style")  # data.* keys a model is trained with and evaluated with
-
-
-@dataclass
-class BenchmarkSpec:
-    """One entry of eval.benchmarks (checked like every config key)."""
-    path: str | None = None  # JSONL/parquet; relative paths are read from eval.data_dir; default <name>.jsonl
-    samples: int | None = None  # responses per problem (the k of mean@k, pass@k); default 1
-    temperature: float | None = None  # default rollout.temperature
-    fields: dict | None = None  # our name -> column, as data.fields
-    repair_latex_escapes: bool = False  # undo the "\x0crac" JSON-escape damage (curriculum.data)
-    synthetic: dict | None = None  # the demo task instead of a file: {difficulty, n, seed}
 
 
 # --- the core -------------------------------------------------------------------------------------------
@@ -98,7 +88,7 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
         left = sum(len(exs) for exs in benchmarks.values()) - len(finished)
         with RewardPool(workers=workers, timeout=timeout) as pool, \
                 tqdm(total=left, desc="eval", unit="problem", disable=not progress) as bar:
-            score = _scorer(pool, RewardFn(mode="accuracy", timeout=timeout / 2))  # the check gets half the limit
+            score = _scorer(pool, RewardFn.from_section(RewardConfig(timeout=timeout), mode="accuracy"))
             for name, examples in benchmarks.items():
                 bar.set_description(f"eval {name}")
                 for b, start in enumerate(range(0, len(examples), batch_prompts)):
@@ -209,15 +199,6 @@ def explicit_prompt_keys(path: str = "eval.yaml", overrides: list | None = None)
     return {key for key in PROMPT_KEYS if key in data}
 
 
-def benchmark_specs(cfg) -> dict:
-    specs = {}
-    for name, entry in cfg.eval.benchmarks.items():
-        if not isinstance(entry, dict):
-            raise ConfigError(f"eval.benchmarks.{name}: expected a mapping such as {{path: {name}.jsonl, samples: 16}}")
-        specs[name] = from_dict(BenchmarkSpec, entry, f"eval.benchmarks.{name}.")
-    return specs
-
-
 def load_benchmarks(cfg, only: list[str] | None = None) -> dict:
     """name -> examples of cfg.eval.benchmarks (or those named in `only`), eval.limit problems each."""
     specs = benchmark_specs(cfg)
@@ -233,8 +214,8 @@ def load_benchmarks(cfg, only: list[str] | None = None) -> dict:
         if spec.synthetic is not None:
             out[name] = synthetic_sets(spec.synthetic)[:cfg.eval.limit]
         else:
-            path = os.path.join(cfg.eval.data_dir, spec.path or f"{name}.jsonl")  # an absolute path stays
-            out[name] = load_examples(path, spec.fields, cfg.eval.limit, spec.repair_latex_escapes)
+            out[name] = load_examples(benchmark_path(cfg.eval.data_dir, name, spec), spec.fields, cfg.eval.limit,
+                                      spec.repair_latex_escapes)
     return out
 
 
@@ -326,7 +307,7 @@ def run_models(run_dir: str, variant: str | None = None) -> list[ModelRef]:
     """Every complete checkpoint of a run in step order, then final/ (for --across)."""
     refs = []
     for _, path in list_checkpoints(run_dir):
-        problem = is_complete(path)
+        problem = defect(path)
         if problem is not None:
             warnings.warn(f"skipping checkpoint {path}: {problem}")
         elif _is_hf(os.path.join(path, "model")):

@@ -20,7 +20,7 @@ from grpo.fsdp import Dist, all_reduce, clip_grad_norm, gathered_for_sampling
 from grpo.loop import StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_or_stop
 from grpo.loss import aggregate
 from grpo.optim import build_optimizer
-from grpo.runlog import append_metrics, plot_metrics, truncate_metrics
+from grpo.runlog import append_metrics, plot_metrics
 from model.patch import structured_tags
 from model.tokenizer import decode_responses, stop_token_ids
 from rewards import parallel_stats
@@ -104,8 +104,8 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
     opt, sched = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                  cfg.optim.warmup_steps, steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
     stream, state = PromptStream(list(range(len(rows))), seed=cfg.seed), TrainState()
-    if ckpt.resume(run_dir, cfg, model, opt, sched, state, stream, d) and d.main:
-        truncate_metrics(run_dir, state.step)
+    ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, stream, d,
+                expect={"variant": cfg.variant, "model.build": cfg.model.build, "sft.batch_size": s.batch_size})
     every = s.eval_every or steps_per_epoch
     model.train()
     bar = tqdm(range(state.step, steps), initial=state.step, total=steps, desc=cfg.name, disable=not d.main)

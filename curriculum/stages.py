@@ -1,32 +1,38 @@
 """Stages and the pipeline: a stage is a function from (config, start model) to an output model directory
 (`<run_dir>/final`, an HF directory with its tokenizer); the pipeline chains them, each `init_from`
-naming an earlier stage. A stage whose final model exists is skipped on a re-run; a stage cut short
-resumes from its latest checkpoint.
+naming an earlier stage. A run owns its run directories (a lock), reads every stage's data before any
+work, and decides per stage what a re-run does (`plan_stage`): skip a finished stage with the same
+config, continue one whose step count was raised, resume one cut short, start over on request; a stage
+whose config changed otherwise is refused, naming the keys.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import random
+import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import yaml
 
-from grpo.checkpoint import is_complete, write_manifest
-from grpo.fsdp import Dist, barrier, model_state_dict, parallelize
+from grpo import checkpoint as ckpt
+from grpo.fsdp import Dist, broadcast_object, parallelize
+from grpo.runlog import RunDirBusy, RunLock
 from grpo.trainer import train_grpo
-from model import apply_structured_attention, build_model, check_tokenizer_fits, load_model, load_tokenizer, save_model
+from model import apply_structured_attention, build_model, check_tokenizer_fits, load_model, load_tokenizer
 from model.load import resolve_dtype
 from model.tags import add_tag_tokens
 from model.tokenizer import BASIC_WORDS, build_word_tokenizer
 
-from .config import Config, ConfigError, pipeline_stages, read_yaml, save_config
+from .config import Config, ConfigError, pipeline_stages, save_config, to_dict
 from .data import PromptStream, load_examples, split_examples
 from .evaluate import load_benchmarks, stage_figures
-from .prompts import encode_prompt, format_prompt
+from .preflight import config_diff, flatten, resolve_init
+from .prompts import encode_prompts, format_prompt
 from . import synthetic
 
 
@@ -38,28 +44,30 @@ class PromptItem:
 
 
 class PromptFeed:
-    """GRPO prompts: an endless, resumable, seeded stream of encoded questions with their answers."""
+    """GRPO prompts: an endless, resumable, seeded stream of encoded questions with their answers. Every
+    prompt is encoded up front; `cut` counts those longer than data.max_prompt_tokens (cut from the left)."""
 
     def __init__(self, examples, tokenizer, cfg):
-        self.examples, self.tokenizer, self.cfg = examples, tokenizer, cfg
+        self.examples = examples
         self.stream = PromptStream(list(range(len(examples))), seed=cfg.seed)
-        self.cache: dict[int, list] = {}
-
-    def _ids(self, i: int) -> list:
-        if i not in self.cache:
-            d = self.cfg.data
-            text = format_prompt(self.examples[i].question, d.prompt_style)
-            self.cache[i] = encode_prompt(self.tokenizer, text, d.template, d.max_prompt_tokens)[0]
-        return self.cache[i]
+        self.ids, self.cut = encode_stage_prompts(tokenizer, examples, cfg)
 
     def next_batch(self, n: int) -> list[PromptItem]:
-        return [PromptItem(self.examples[i].id, self._ids(i), self.examples[i].answer) for i in self.stream.next_batch(n)]
+        return [PromptItem(self.examples[i].id, self.ids[i], self.examples[i].answer)
+                for i in self.stream.next_batch(n)]
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
+
+
+def encode_stage_prompts(tokenizer, examples, cfg: Config) -> tuple[list, int]:
+    """(prompt ids per example, how many were longer than data.max_prompt_tokens and cut from the left)."""
+    d = cfg.data
+    return encode_prompts(tokenizer, [format_prompt(ex.question, d.prompt_style) for ex in examples], d.template,
+                          d.max_prompt_tokens)
 
 
 def seed_everything(seed: int) -> None:
@@ -125,35 +133,39 @@ def load_train_data(cfg: Config, heldout: dict):
     return examples, []
 
 
-def export_final(model, tokenizer, run_dir: str, d: Dist, **export) -> str:
-    """<run_dir>/final: the stage's output as an HF directory (written atomically, with a manifest).
-    `export`: save_model's keyword arguments (variant, template, prompt_style)."""
-    final, tmp = os.path.join(run_dir, "final"), os.path.join(run_dir, "final.tmp")
-    state = model_state_dict(model)  # a collective under FSDP
-    if d.main:
-        save_model(tmp, model.config, state, tokenizer, **export)
-        write_manifest(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    barrier()
-    return final
+def say(d: Dist, line: str) -> None:
+    if d.main and line:
+        print(line, flush=True)
 
 
-def run_stage(cfg: Config, d: Dist, init_dir: str | None = None) -> tuple[str, dict]:
-    """Train one stage; returns (final model directory, summary of held-out figures)."""
+def run_stage(cfg: Config, d: Dist, init_dir: str | None = None, plan: "Plan | None" = None,
+              data: tuple | None = None) -> tuple[str, dict]:
+    """Train one stage; returns (final model directory, summary of held-out figures). `plan` (plan_stage's
+    decision, made here when None) says whether it is skipped, resumed or started over; `data` is
+    (heldout, train, val) when the caller has read them already."""
+    plan = plan or plan_stage(cfg, d)
     final = os.path.join(cfg.run_dir, "final")
     summary_path = os.path.join(cfg.run_dir, "summary.json")
-    if is_complete(final) is None and os.path.exists(summary_path):
+    say(d, plan.note)
+    if plan.action == "skip":
         with open(summary_path) as f:
-            return final, json.load(f)  # done in an earlier run
+            return final, json.load(f)
+    if plan.action == "start over":
+        move_aside(cfg.run_dir, d)
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="never"))
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     if d.main:
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     tokenizer, tags = make_tokenizer(cfg, init_dir)
+    heldout, train, val = data or read_stage_data(cfg)  # every data error before the model is built
+    feed = PromptFeed(train, tokenizer, cfg) if cfg.kind == "grpo" else None
+    cut = feed.cut if feed else encode_stage_prompts(tokenizer, train + val, cfg)[1]  # SFT encodes its own
+    if cut:
+        say(d, f"{cfg.name}: {cut} of {len(feed.ids) if feed else len(train) + len(val)} prompts are longer than "
+               f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} and are cut from the left (their start is lost)")
+    summary = {"init_from": init_dir, "prompts_cut": cut}
     model, compute = make_model(cfg, d, tokenizer, tags, init_dir)
-    heldout = heldout_sets(cfg)
-    train, val = load_train_data(cfg, heldout)
     if cfg.kind == "sft":
         from .sft import train_sft
         train_sft(cfg, model, tokenizer, tags, train, val, cfg.run_dir, d, compute_dtype=compute)
@@ -161,11 +173,10 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None) -> tuple[str, d
         ref = None
         if cfg.grpo.kl_coef > 0:
             ref, _ = make_model(cfg, d, tokenizer, tags, init_dir, trainable=False)
-        train_grpo(cfg, model, tokenizer, tags, PromptFeed(train, tokenizer, cfg), cfg.run_dir, d, ref_model=ref,
-                   compute_dtype=compute)
-    final = export_final(model, tokenizer, cfg.run_dir, d, variant=cfg.variant, template=cfg.data.template,
-                         prompt_style=cfg.data.prompt_style)
-    summary = {"init_from": init_dir, "seconds_train": time.perf_counter() - t0}
+        train_grpo(cfg, model, tokenizer, tags, feed, cfg.run_dir, d, ref_model=ref, compute_dtype=compute)
+    final = ckpt.export_model(final, model, tokenizer, d, cfg.run_dir, variant=cfg.variant,
+                              template=cfg.data.template, prompt_style=cfg.data.prompt_style)
+    summary["seconds_train"] = time.perf_counter() - t0
     if heldout:
         summary.update(stage_figures(model, tokenizer, tags, heldout, cfg, d))
     summary["seconds"] = time.perf_counter() - t0
@@ -175,35 +186,136 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None) -> tuple[str, d
     return final, summary
 
 
-def resolve_init(stage: Config, finals: dict) -> str | None:
-    """init_from: an earlier stage of this pipeline -> its final model; a model directory; or the name of a
-    stage config (configs/<name>.yaml) -> the final model of its run_dir."""
-    name = stage.init_from
-    if name is None:
-        return None
-    if name in finals:
-        return finals[name]
-    if os.path.isdir(name):
-        return name
+def read_stage_data(cfg: Config) -> tuple[dict, list, list]:
+    """(held-out benchmarks, train, val) of a stage, every file read whole (DataError naming file:line)."""
+    heldout = heldout_sets(cfg)
+    return (heldout, *load_train_data(cfg, heldout))
+
+
+# --- re-runs --------------------------------------------------------------------------------------------
+
+# what a stage leaves in its run directory; a start-over moves these into <run_dir>/earlier-<k>
+OUTPUTS = ("config.yaml", "metrics.jsonl", "training.png", "checkpoints", "final", "summary.json", "heldout")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does with a stage's run directory, decided before any work."""
+    action: str  # "skip" | "train" (from step 0, or from the latest checkpoint) | "start over"
+    note: str = ""  # the line printed for it ("" for a first run)
+
+
+def plan_stage(cfg: Config, d: Dist, upstream_trained: bool = False) -> Plan:
+    """Compare the stage's resolved config with the one saved in its run directory (preflight.config_diff):
+    the same and finished -> skip; only grpo.steps / sft.steps / sft.epochs raised -> train on from the last
+    checkpoint; not finished -> resume; any other difference -> ConfigError naming the keys, unless
+    checkpoint.resume is never (start over) or a checkpoint directory (a deliberate fork).
+    `upstream_trained`: the stage's init_from was trained in this run, so its earlier outputs are stale."""
+    run_dir, mode = cfg.run_dir, cfg.checkpoint.resume
+    earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(run_dir, name))]
+    if mode == "never" or upstream_trained:
+        why = ("checkpoint.resume is never" if mode == "never" else
+               f"its starting model, {cfg.init_from}, was trained in this run")
+        return Plan("start over", f"stage {cfg.name}: starting over ({why}); the earlier attempt is moved to "
+                                  f"{run_dir}/earlier-N" if earlier else "")
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(saved_path):
+        return Plan("train")
+    with open(saved_path) as f:
+        saved = yaml.safe_load(f) or {}
+    changed, longer = config_diff(saved, to_dict(cfg), to_dict(Config()))
+    final_there = os.path.exists(os.path.join(run_dir, "final"))
+    if changed and mode == "auto" and not ckpt.list_checkpoints(run_dir) and not final_there:
+        return Plan("start over", f"stage {cfg.name}: the earlier attempt left no checkpoint and had another config "
+                                  f"({'; '.join(changed)}); starting over, its files moved to {run_dir}/earlier-N")
+    if mode != "auto":
+        return Plan("train", f"stage {cfg.name}: resuming from {mode}" +
+                    (f" with a changed config: {'; '.join(changed)}" if changed else ""))
+    if changed:
+        raise ConfigError(f"{run_dir} holds a run of {cfg.name} with another config: {'; '.join(changed)}. "
+                          "Start over there with --set checkpoint.resume=never (the earlier attempt is kept in "
+                          f"{run_dir}/earlier-N), use another run_dir, or fork a checkpoint explicitly "
+                          f"(checkpoint.resume: {run_dir}/checkpoints/step-N)")
+    where = ckpt.latest_name(run_dir)
+    finished = os.path.exists(os.path.join(run_dir, "summary.json"))
+    if finished and ckpt.defect(os.path.join(run_dir, "final"), d=d) is None:
+        if not longer:
+            evals = flatten(saved.get("eval") or {}) != flatten(to_dict(cfg.eval))
+            return Plan("skip", f"stage {cfg.name} already finished, skipping ({run_dir}/final)" +
+                        ("; its summary.json figures were computed with the earlier eval settings" if evals else ""))
+        more = ", ".join(f"{k} {flatten(saved).get(k)} -> {flatten(to_dict(cfg)).get(k)}" for k in longer)
+        return Plan("train", f"stage {cfg.name}: extending the finished stage ({more}) from {where}")
+    if where:
+        return Plan("train", f"stage {cfg.name}: resuming from {where}")
+    return Plan("train", f"stage {cfg.name}: no checkpoint yet, starting at step 0" if "metrics.jsonl" in earlier
+                else "")
+
+
+def move_aside(run_dir: str, d: Dist) -> None:
+    """Move a stage's earlier outputs into <run_dir>/earlier-<k> (nothing is deleted). Rank 0 moves, every
+    rank learns whether it could (a collective)."""
+    error = None
+    if d.main:
+        present = [name for name in OUTPUTS if os.path.exists(os.path.join(run_dir, name))]
+        k = 1
+        while os.path.exists(os.path.join(run_dir, f"earlier-{k}")):
+            k += 1
+        try:
+            for name in present:
+                os.makedirs(os.path.join(run_dir, f"earlier-{k}"), exist_ok=True)
+                os.replace(os.path.join(run_dir, name), os.path.join(run_dir, f"earlier-{k}", name))
+        except OSError as e:
+            error = f"could not move the earlier attempt in {run_dir} aside: {e}"
+    error = broadcast_object(error)
+    if error:
+        raise RunDirBusy(error)
+
+
+@contextmanager
+def own_run_dirs(paths: list[str], d: Dist):
+    """Hold the lock (grpo.runlog.RunLock) of every run directory in `paths` while the block runs; rank 0
+    takes them and tells the others, so every rank raises RunDirBusy when one is held by another run."""
+    locks, error = [], None
+    if d.main:
+        try:
+            for path in dict.fromkeys(paths):
+                locks.append(RunLock(path).acquire())
+        except (RunDirBusy, OSError) as e:  # OSError: the directory cannot be made or locked at all
+            error = str(e)
+            for lock in locks:
+                lock.release()
+            locks = []
+    error = broadcast_object(error)
+    if error:
+        raise RunDirBusy(error)
+    for lock in locks:
+        if lock.took_over:
+            print(f"note: {os.path.dirname(lock.path)} was left locked by {lock.took_over}, which is no longer "
+                  "running; this run takes it over", file=sys.stderr)
     try:
-        other = read_yaml(name)
-    except ConfigError:
-        raise ValueError(f"{stage.name}: init_from={name!r} is neither an earlier stage of this pipeline "
-                         f"({sorted(finals) or 'none'}), a model directory, nor a config in configs/") from None
-    final = os.path.join(other.get("run_dir", os.path.join("runs", name)), "final")
-    if is_complete(final) is not None:
-        raise ValueError(f"{stage.name}: init_from={name!r} means {final}, which is not there yet: run "
-                         f"configs/{name}.yaml first (or the pipeline, configs/pipeline.yaml)")
-    return final
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 def run_pipeline(cfg: Config, d: Dist) -> dict:
-    """Run every stage of the config in order; returns {stage name: summary}."""
-    finals, summaries = {}, {}
-    for stage in pipeline_stages(cfg):
-        init = resolve_init(stage, finals)
-        finals[stage.name], summaries[stage.name] = run_stage(stage, d, init)
-    if cfg.kind == "pipeline" and d.main:
-        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
-            json.dump({**summaries, "variant": cfg.variant, "seed": cfg.seed}, f, indent=2)
+    """Run every stage of the config in order; returns {stage name: summary}. Before any training: the run
+    directories are locked, every stage's data is read whole and every stage's plan is made (a refusal
+    comes before the first stage trains)."""
+    stages = pipeline_stages(cfg)
+    with own_run_dirs([cfg.run_dir] + [s.run_dir for s in stages], d):
+        plans, trained = [], set()
+        for stage in stages:
+            plans.append(plan_stage(stage, d, upstream_trained=stage.init_from in trained))
+            if plans[-1].action != "skip":
+                trained.add(stage.name)
+        data = {s.name: read_stage_data(s) for s, p in zip(stages, plans) if p.action != "skip"}
+        finals, summaries = {}, {}
+        for stage, plan in zip(stages, plans):
+            init = resolve_init(stage, finals)
+            finals[stage.name], summaries[stage.name] = run_stage(stage, d, init, plan, data.get(stage.name))
+        if cfg.kind == "pipeline" and d.main:
+            with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+                json.dump({**summaries, "variant": cfg.variant, "seed": cfg.seed}, f, indent=2)
     return summaries

@@ -134,6 +134,16 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_objects(obj, d: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] when d.world == 1, so rank 0 alone may
+    call it with Dist() under a process group."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

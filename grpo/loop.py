@@ -4,7 +4,7 @@ micro-batch the way the sampler saw it."""
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -63,7 +63,7 @@ def save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop: Sto
     SIGTERM asked to stop (all ranks decide together); then StopRequested if asked before the last step."""
     stopping = stop.requested(d)
     if stopping or last or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
-        ckpt.save(run_dir, cfg, model, opt, sched, state, d, tokenizer)
+        ckpt.save(run_dir, model, opt, sched, state, d, tokenizer, config=asdict(cfg), keep=cfg.checkpoint.keep)
     if stopping and not last:
         raise StopRequested(f"stopped at step {state.step}; checkpoint saved in {run_dir}/checkpoints")
 

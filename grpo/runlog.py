@@ -1,9 +1,12 @@
-"""metrics.jsonl (one JSON object per step) and the PNG plots drawn from it."""
+"""The run directory's own files: metrics.jsonl (one JSON object per step) and the PNG plots drawn from it,
+and the lock that makes one process the owner of a run directory."""
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import socket
 
 
 def append_metrics(run_dir: str, record: dict, name: str = "metrics.jsonl") -> None:
@@ -13,21 +16,37 @@ def append_metrics(run_dir: str, record: dict, name: str = "metrics.jsonl") -> N
         f.write(json.dumps(clean) + "\n")
 
 
+def _parsed_lines(path: str) -> list[tuple[str, dict]]:
+    """(line, record) per line of a JSONL log. A last line cut short by a crash is dropped; a bad line
+    anywhere else is damage we did not cause: ValueError naming file:line."""
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON record; delete that line (or the file) and run "
+                                 "again") from None
+    return out
+
+
 def read_metrics(run_dir: str, name: str = "metrics.jsonl") -> list[dict]:
     path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in _parsed_lines(path)] if os.path.exists(path) else []
 
 
 def truncate_metrics(run_dir: str, step: int, name: str = "metrics.jsonl") -> None:
-    """Drop records of steps >= `step` (a resumed run rewrites them)."""
-    rows = [r for r in read_metrics(run_dir, name) if r.get("step", -1) < step]
+    """Keep only the records of steps < `step` (a resumed run logs the later ones again; a torn last line
+    goes too). Rewritten under a temporary name and renamed, so a crash here loses nothing."""
     path = os.path.join(run_dir, name)
-    if os.path.exists(path):
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if not os.path.exists(path):
+        return
+    kept = [line for line, record in _parsed_lines(path) if record.get("step", -1) < step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(line + "\n" for line in kept)
+    os.replace(path + ".tmp", path)
 
 
 def plot_metrics(run_dir: str, panels: dict, name: str = "metrics.jsonl", out: str = "training.png") -> str | None:
@@ -49,9 +68,61 @@ def plot_metrics(run_dir: str, panels: dict, name: str = "metrics.jsonl", out: s
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:  # a metric never logged (e.g. no block yet) leaves its panel empty
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(run_dir, out)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory's lock; the message names its pid and host."""
+
+
+class RunLock:
+    """An exclusive OS lock (fcntl.flock) on `<run_dir>/.lock`, a file holding the owner's "pid host". The
+    kernel drops the lock when its process dies, so a crash never leaves the directory locked: a lock file
+    still naming a dead process is taken over (`took_over` names it). A second live owner gets RunDirBusy.
+    Use `with RunLock(run_dir):` (or acquire / release). The lock is not inherited by exec'd children."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+        self.fd: int | None = None
+        self.took_over: str | None = None
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _owner(fd) or "another process"
+            os.close(fd)
+            raise RunDirBusy(f"{os.path.dirname(self.path)} is in use by {holder} (lock file {self.path}); wait "
+                             "for that run to end, or give this one another run_dir") from None
+        self.took_over = _owner(fd)  # left behind by a process that died without releasing it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty file: nobody to take over from
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _owner(fd: int) -> str | None:
+    """ "pid N on host H" from a lock file, or None when it is empty."""
+    parts = os.pread(fd, 200, 0).decode(errors="replace").split()
+    return f"pid {parts[0]} on host {parts[1] if len(parts) > 1 else '?'}" if parts else None

@@ -25,7 +25,7 @@ from .fsdp import Dist, all_gather_cat, all_reduce, clip_grad_norm, gathered_for
 from .loop import StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_or_stop
 from .loss import grpo_objective
 from .optim import build_optimizer
-from .runlog import append_metrics, plot_metrics, truncate_metrics
+from .runlog import append_metrics, plot_metrics
 
 PLOTS = {"reward": ["reward", "accuracy"], "parallel": ["parallel_ratio", "well_formed"],
          "length": ["completions/mean_length"], "first <Parallel>": ["first_block_position"]}
@@ -49,14 +49,12 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     opt, sched = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                  cfg.optim.warmup_steps * k, g.steps * k, cfg.optim.schedule, cfg.optim.min_lr_ratio)
     state = TrainState()
-    resumed = ckpt.resume(run_dir, cfg, model, opt, sched, state, feed, d)
-    if resumed:
-        truncate_metrics(run_dir, state.step) if d.main else None
+    ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, feed, d, expect={
+        "variant": cfg.variant, "model.build": cfg.model.build, "rollout.group_size": ro.group_size,
+        "grpo.prompts_per_step": g.prompts_per_step, "grpo.mini_batch_prompts": g.mini_batch_prompts})
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     r = cfg.reward
-    reward_fn = reward_fn or RewardFn(mode=r.mode, window=r.window, accuracy_steps=r.accuracy_steps, scaffold_until=r.scaffold_until,
-                         correct=r.correct, wrong=r.wrong, correct_parallel=r.correct_parallel, bonus=r.bonus,
-                         format_penalty=r.format_penalty, timeout=r.timeout / 2)  # the check gets half the pool's limit
+    reward_fn = reward_fn or RewardFn.from_section(r)
     stop = StopFlag()
     bar = tqdm(range(state.step, g.steps), initial=state.step, total=g.steps, desc=cfg.name, disable=not d.main)
     with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop:
@@ -219,10 +217,10 @@ def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, t
         sum(float(c.get("accuracy", 0.0)) for c in scores.components),
         sum(s.num_blocks > 0 for s in stats), sum(s.well_formed for s in stats),  # DESIGN: >= 1 valid block
         float(lengths.sum()), len(texts) - int(stopped.sum()), frac_zero_std(rewards, G) * len(texts) / G,
-        sum(first), len(first), float(rollout.response_mask.sum()), scores.timeouts,
+        sum(first), len(first), float(rollout.response_mask.sum()), scores.timeouts, scores.errors,
         float(batch.loss_mask.sum()), float(lengths[stopped].sum()), float(stopped.sum()),
     ], dtype=torch.float64, device=d.device)
-    n, rs, rs2, acc, par, wf, ln, cut, zs, fp, nf, tok, to, loss_tok, stop_ln, n_stop = all_reduce(local).tolist()
+    n, rs, rs2, acc, par, wf, ln, cut, zs, fp, nf, tok, to, err, loss_tok, stop_ln, n_stop = all_reduce(local).tolist()
     max_len, neg_min_len = all_reduce(torch.stack([lengths.max(), -lengths.min()]).to(d.device), op="max").tolist()
     mean = rs / n
     out = {"step": step, "reward": mean, "reward_std": math.sqrt(max(rs2 / n - mean * mean, 0.0)),
@@ -231,7 +229,7 @@ def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, t
            "completions/max_length": max_len, "completions/clipped_ratio": cut / n,
            "completions/mean_terminated_length": stop_ln / n_stop if n_stop else None,
            "frac_reward_zero_std": zs / (n / G), "first_block_position": fp / nf if nf else None,
-           "reward_timeouts": to, "num_tokens": loss_tok}
+           "reward/timeouts": to, "reward/errors": err, "num_tokens": loss_tok}
     ran = [u for u in updates if u is not None]
     out["no_update"] = float(not ran)
     for k in ran[0] if ran else ():

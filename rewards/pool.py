@@ -1,23 +1,26 @@
 """Scores a batch of responses in a few worker processes, with a time limit per response.
 
 Implements the batch side of DESIGN.md "rewards/": one pathological answer cannot stall a
-training step; it scores as wrong and its worker is killed and replaced.
+training step; it scores as wrong and its worker is killed (with the checker it started) and replaced.
 """
 import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from .worker import WorkerFailure, WorkerProcess
+from .worker import START_TIMEOUT, WorkerFailure, WorkerProcess
 
 
 @dataclass(frozen=True)
 class BatchScores:
-    """Scores in input order; `timeouts` counts responses that ran past the time limit."""
+    """Scores in input order. `timeouts` counts responses whose scoring ran past a time limit (the pool's or
+    the equivalence check's), `errors` those whose scoring failed otherwise (a worker died, the reward or
+    the checker raised): both scored as wrong, so the trainer logs them (reward/timeouts, reward/errors)."""
     rewards: list[float]
     components: list[dict]
     seconds: float
     timeouts: int
+    errors: int = 0
 
 
 def _failed_score(reward_fn, reason: str, timeout: bool) -> tuple[float, dict]:
@@ -46,10 +49,12 @@ class RewardPool:
             raise ValueError(f"RewardPool timeout={timeout!r} is invalid; use seconds > 0")
         self.timeout = timeout
         self._workers = [self._new_worker() for _ in range(workers)]
+        self._knows: dict[int, type] = {}  # slot -> the reward type its worker has unpickled (imported)
 
     @staticmethod
     def _new_worker() -> WorkerProcess:
-        return WorkerProcess(preload=("rewards",))
+        # warm: each worker starts its equivalence checker before it reports ready (see WorkerProcess)
+        return WorkerProcess(preload=("rewards",), warm=True)
 
     def __enter__(self) -> "RewardPool":
         return self
@@ -69,11 +74,13 @@ class RewardPool:
         start = time.perf_counter()
         if not self._workers:
             results = [self._score_here(reward_fn, r, g, step) for r, g in zip(responses, golds)]
-            timeouts = 0
         else:
-            results, timeouts = self._score_in_workers(reward_fn, responses, golds, step)
+            results = self._score_in_workers(reward_fn, responses, golds, step)
+        parts = [c if isinstance(c, dict) else {} for _, c in results]
+        timeouts = sum(bool(c.get("timeout")) for c in parts)
+        errors = sum(bool(c.get("error")) and not c.get("timeout") for c in parts)
         return BatchScores(rewards=[float(r) for r, _ in results], components=[c for _, c in results],
-                           seconds=time.perf_counter() - start, timeouts=timeouts)
+                           seconds=time.perf_counter() - start, timeouts=timeouts, errors=errors)
 
     @staticmethod
     def _score_here(reward_fn, response: str, gold: str, step: int) -> tuple[float, dict]:
@@ -82,32 +89,44 @@ class RewardPool:
         except Exception as error:  # a custom reward_fn that raises still scores as wrong
             return _failed_score(reward_fn, f"{type(error).__name__}: {error}", timeout=False)
 
-    def _score_in_workers(self, reward_fn, responses, golds, step) -> tuple[list, int]:
+    def _score_in_workers(self, reward_fn, responses, golds, step) -> list:
         results: list = [None] * len(responses)
         pending = deque(range(len(responses)))
         busy: dict[int, tuple[int, float]] = {}  # worker slot -> (response index, deadline)
-        timeouts = 0
-        for worker in self._workers:
-            worker.wait_ready()
         while pending or busy:
-            for slot in range(len(self._workers)):
-                if slot not in busy and pending:
+            for slot, worker in enumerate(self._workers):
+                # only a ready worker takes an item: a replacement (and its checker, see _new_worker) starts
+                # outside every item's time limit, while the ready ones go on
+                if slot not in busy and pending and worker.poll_ready():
+                    if self._knows.get(slot) is not type(reward_fn):  # its module is imported untimed, too
+                        self._submit(slot, _unpickled, (reward_fn,))
+                        busy[slot] = (None, time.monotonic() + START_TIMEOUT)
+                        continue
                     index = pending.popleft()
                     self._submit(slot, reward_fn, (responses[index], golds[index], step))
                     busy[slot] = (index, time.monotonic() + self.timeout)
-            next_deadline = min(deadline for _, deadline in busy.values())
-            ready = wait([self._workers[slot].reply_connection for slot in busy],
+            starting = [w.reply_connection for s, w in enumerate(self._workers) if s not in busy and not w.ready]
+            next_deadline = min((deadline for _, deadline in busy.values()), default=time.monotonic() + START_TIMEOUT)
+            ready = wait([self._workers[slot].reply_connection for slot in busy] + (starting if pending else []),
                          timeout=max(0.0, next_deadline - time.monotonic()))
+            if not ready and not busy:
+                raise WorkerFailure(f"no reward worker process became ready in {START_TIMEOUT:g} s")
             for slot in [s for s in busy if self._workers[s].reply_connection in ready]:
                 index, _ = busy.pop(slot)
-                results[index] = self._receive(slot, reward_fn)
+                result = self._receive(slot, reward_fn)
+                if index is None:  # the introduction: the worker knows this reward now (or cannot: items say why)
+                    self._knows[slot] = type(reward_fn)
+                else:
+                    results[index] = result
             for slot in [s for s, (_, d) in busy.items() if d <= time.monotonic()]:
                 index, _ = busy.pop(slot)
                 self._replace(slot)
+                if index is None:
+                    self._knows[slot] = type(reward_fn)  # its items get the normal limit from here on
+                    continue
                 reason = f"scoring ran past {self.timeout:g} s"
                 results[index] = _failed_score(reward_fn, reason, timeout=True)
-                timeouts += 1
-        return results, timeouts
+        return results
 
     def _submit(self, slot: int, reward_fn, args: tuple) -> None:
         try:
@@ -128,9 +147,15 @@ class RewardPool:
             return _failed_score(reward_fn, f"bad reward result: {error}", timeout=False)
 
     def _replace(self, slot: int) -> None:
-        # The new worker starts in the background; the next submit waits until it is ready.
+        # The new worker starts in the background; it takes items once it has reported ready.
         self._workers[slot].kill()
         self._workers[slot] = self._new_worker()
+        self._knows.pop(slot, None)
+
+
+def _unpickled(reward_fn) -> None:
+    """Sent to a worker before its first item of a reward: unpickling the reward imports the module that
+    defines it, outside every item's time limit."""
 
 
 def score_batch(reward_fn, responses: list[str], golds: list[str], step: int,

@@ -4,7 +4,7 @@ Implements DESIGN.md "rewards/": accuracy-only (S1), the alternating accuracy / 
 reward (S2, the reference) and a constant parallel bonus (ablation); a reward never raises.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .math import extract_answer, judge_equivalence
 from .parallel import parallel_stats
@@ -48,17 +48,27 @@ class RewardFn:
     "parallel_bonus" for a well-formed response with >= 1 valid block, right or wrong;
     `format_penalty` (e.g. -0.5; 0 = off) added on every step while the scaffold lasts, in any
     mode, when the response is not well formed. `timeout`: seconds per equivalence check.
+    No defaults here: the config's reward section holds them (`from_section`).
     """
-    mode: str = "alternating"
-    window: int = 10
-    accuracy_steps: int = 8
-    scaffold_until: int | None = None
-    correct: float = 1.0
-    wrong: float = -1.0
-    correct_parallel: float = 1.2
-    bonus: float = 0.2
-    format_penalty: float = 0.0
-    timeout: float = 5.0
+    mode: str
+    window: int
+    accuracy_steps: int
+    scaffold_until: int | None
+    correct: float
+    wrong: float
+    correct_parallel: float
+    bonus: float
+    format_penalty: float
+    timeout: float
+
+    @classmethod
+    def from_section(cls, section, **changes) -> "RewardFn":
+        """The reward of a config's reward section (curriculum.config.RewardConfig, read by field name so
+        rewards/ imports no config): each field from the section's field of the same name, but `timeout`
+        is half the section's per-response limit (the pool kills a response at the whole of it).
+        `changes` override fields, e.g. mode="accuracy" for evaluation."""
+        values = {f.name: getattr(section, f.name) for f in fields(cls) if f.name != "timeout"}
+        return cls(**{**values, "timeout": section.timeout / 2, **changes})
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -106,7 +116,7 @@ class RewardFn:
             reward_kind=kind, accuracy=float(correct), correct=correct, answer=answer,
             verdict=verdict, parallel=float(parallel), well_formed=stats.well_formed,
             num_blocks=stats.num_blocks, format=float(stats.well_formed), format_penalty=penalty,
-            timeout=verdict == "timeout", error="")
+            timeout=verdict == "timeout", error="the equivalence check failed" if verdict == "error" else "")
         return float(reward + penalty), components
 
     def score_failure(self, reason: str, timeout: bool = False) -> tuple[float, dict]:

@@ -20,6 +20,10 @@ START_TIMEOUT = 120.0
 
 _SERVE_CODE = "import sys; from rewards.worker import serve; serve(*sys.argv[1:])"
 _live_workers: "weakref.WeakSet[WorkerProcess]" = weakref.WeakSet()
+_shelves: "weakref.WeakSet[WorkerShelf]" = weakref.WeakSet()
+# True inside a worker process: the workers it starts (its checkers) join its process group, so killing
+# the group leaves no orphan behind; a worker started from any other process leads a group of its own.
+_in_worker = False
 
 
 class WorkerTimeout(Exception):
@@ -41,19 +45,23 @@ class WorkerProcess:
 
     `preload` names modules the child imports before it reports ready, so their import time is
     not charged to the first call; `memory_limit` caps the child's address space in bytes (None:
-    no cap). On a timeout the child is killed; make a new WorkerProcess.
+    no cap); `warm` makes the child keep a started checker ready (WorkerShelf.keep_ready) before it
+    reports ready and before each reply, so no call's time limit pays for starting one. On a timeout
+    the child is killed with its whole process group; make a new WorkerProcess.
     """
 
-    def __init__(self, preload: tuple[str, ...] = (), memory_limit: int | None = None):
+    def __init__(self, preload: tuple[str, ...] = (), memory_limit: int | None = None, warm: bool = False):
         parent_read, child_write = os.pipe()
         child_read, parent_write = os.pipe()
         env = dict(os.environ, PYTHONPATH=_child_import_path())
         argv = [sys.executable, "-c", _SERVE_CODE, str(child_read), str(child_write),
-                str(memory_limit or 0), ",".join(preload)]
+                str(memory_limit or 0), ",".join(preload), str(int(warm))]
+        self.own_group = not _in_worker
         try:
             # stdout is not the channel (a stray print would corrupt it); stderr stays visible.
             self.process = subprocess.Popen(argv, pass_fds=(child_read, child_write), env=env,
-                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            process_group=0 if self.own_group else None)
         except BaseException:
             os.close(parent_read)
             os.close(parent_write)
@@ -66,6 +74,17 @@ class WorkerProcess:
         self._ready = False
         self.owner_pid = os.getpid()
         _live_workers.add(self)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the child has reported ready (wait_ready returned)."""
+        return self._ready
+
+    def poll_ready(self) -> bool:
+        """`ready`, without blocking: reads the child's "ready" if it has come; WorkerFailure if it died."""
+        if not self._ready and not self._replies.closed and self._replies.poll(0):
+            self.wait_ready()  # something arrived (or EOF): this reads it at once
+        return self._ready
 
     @property
     def reply_connection(self) -> Connection:
@@ -121,9 +140,16 @@ class WorkerProcess:
         return self.process.poll() is None and not self._replies.closed
 
     def kill(self) -> None:
-        """End the child now (SIGKILL: also stops C code that ignores signals) and close the pipes."""
-        if self.owner_pid == os.getpid() and self.process.poll() is None:
-            self.process.kill()
+        """End the child now (SIGKILL: also stops C code that ignores signals), with the checkers it
+        started (its process group), and close the pipes."""
+        if self.owner_pid == os.getpid():
+            if self.own_group and self.process.returncode is None:
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if self.process.poll() is None:
+                self.process.kill()
             self.process.wait()
         self.close_pipes()
 
@@ -168,8 +194,10 @@ def _limit_cpu_time(seconds: int) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
-def serve(read_fd: str, write_fd: str, memory_limit: str, preload: str) -> None:
+def serve(read_fd: str, write_fd: str, memory_limit: str, preload: str, warm: str = "0") -> None:
     """Child side: answer (fn, args, cpu_limit) requests until the parent closes the pipe."""
+    global _in_worker
+    _in_worker = True
     # Ctrl-C reaches the whole process group; the parent decides what happens to us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = Connection(int(read_fd), writable=False)
@@ -178,6 +206,8 @@ def serve(read_fd: str, write_fd: str, memory_limit: str, preload: str) -> None:
         _limit_memory(int(memory_limit))
     for module in filter(None, preload.split(",")):
         __import__(module)
+    if int(warm):
+        _keep_shelves_ready()
     replies.send("ready")
     while True:
         try:
@@ -192,10 +222,19 @@ def serve(read_fd: str, write_fd: str, memory_limit: str, preload: str) -> None:
             reply = (True, fn(*args))
         except BaseException as error:  # MemoryError and RecursionError included
             reply = (False, f"{type(error).__name__}: {error}"[:2000])
+        if int(warm):  # a checker replaced during this call starts now, charged to this call, not the next
+            _keep_shelves_ready()
         try:
             replies.send(reply)
+        except (BrokenPipeError, ConnectionError, EOFError):
+            return  # the parent is gone (it killed us, or died): nobody to answer
         except Exception as error:  # a result that cannot be pickled
             replies.send((False, f"cannot pickle the result: {type(error).__name__}: {error}"))
+
+
+def _keep_shelves_ready() -> None:
+    for shelf in list(_shelves):
+        shelf.keep_ready()
 
 
 class WorkerShelf:
@@ -212,6 +251,7 @@ class WorkerShelf:
         self._idle: list[WorkerProcess] = []
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget_after_fork)
+        _shelves.add(self)
 
     def _forget_after_fork(self) -> None:
         # The parent's workers are not ours, and its lock may have been held by another thread.
@@ -235,6 +275,24 @@ class WorkerShelf:
             raise
         self._give_back(worker)
         return result
+
+    def keep_ready(self) -> None:
+        """Make sure an idle worker is started and ready (blocks while one starts). Reward-pool workers call
+        this between calls (WorkerProcess(warm=True)), so a checker never starts inside a time limit."""
+        with self._lock:
+            idle = [w for w in self._idle if w.owner_pid == os.getpid() and w.alive()]
+        for worker in idle or [self._new_worker()]:
+            try:
+                worker.wait_ready()
+            except WorkerFailure:
+                continue  # could not start: killed; the next call starts another
+            if not idle:
+                self._give_back(worker)
+
+    def idle_ready(self) -> int:
+        """How many idle workers are started and ready."""
+        with self._lock:
+            return sum(w.ready for w in self._idle)
 
     def _take(self) -> WorkerProcess:
         with self._lock:

@@ -7,11 +7,15 @@ Every run is a toy GRPO run of 4 steps (tests/dist_worker.py) in a fresh process
 torch.equal on every tensor plus equal metrics, so model, AdamW state (step included), scheduler, data
 position, sampler seed and RNG must all come back exactly.
 """
+import errno
 import json
 import os
+import random
 import signal
 import time
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,12 +161,11 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, tok):
     from safetensors.torch import load_file
 
     path = two_ranks[0] / "kill" / "checkpoints" / "step-2"
-    cfg = toy_config(grpo={"prompts_per_step": 2, "mini_batch_prompts": 2}, checkpoint={"resume": str(path)})
     model = tiny(tok, seed=7)
     opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 0, 10)
     state = TrainState()
     with pytest.warns(UserWarning, match="written by 2 ranks and is resumed on 1"):
-        ckpt.resume(str(path.parent.parent), cfg, model, opt, sched, state, None, Dist())
+        ckpt.resume(str(path.parent.parent), str(path), model, opt, sched, state, None, Dist())
     exported = load_file(path / "model" / "model.safetensors")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in exported.items())
     assert state.step == 2 and all(float(s["step"]) == 2 for s in opt.state.values())  # two AdamW updates
@@ -171,24 +174,34 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, tok):
 
 # --- in-process: which checkpoint counts ----------------------------------------------------------------
 
+def save_step(tok, run_dir, model, opt, sched, step, cfg=None, keep=0) -> str:
+    cfg = cfg or toy_config()
+    return ckpt.save(str(run_dir), model, opt, sched, TrainState(step=step, feed={"pos": step}), Dist(), tok,
+                     config=asdict(cfg), keep=keep)
+
+
 def saved_steps(tok, run_dir, steps, cfg=None, keep=0):
-    cfg = cfg or toy_config(checkpoint={"keep": keep})
     model = tiny(tok)
     opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 0, 10)
     for step in steps:
         with torch.no_grad():
             model.lm_head.weight[0, 0] = float(step)  # tells the checkpoints apart
-        ckpt.save(str(run_dir), cfg, model, opt, sched, TrainState(step=step, feed={"pos": step}), Dist(), tok)
+        save_step(tok, run_dir, model, opt, sched, step, cfg, keep)
     return model, opt, sched
 
 
-def resume_into(tok, run_dir, cfg=None):
-    cfg = cfg or toy_config(checkpoint={"resume": "auto"})
+def resume_into(tok, run_dir, mode="auto", expect=None):
     model = tiny(tok, seed=7)
     opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 0, 10)
     state = TrainState()
-    path = ckpt.resume(str(run_dir), cfg, model, opt, sched, state, None, Dist())
+    path = ckpt.resume(str(run_dir), mode, model, opt, sched, state, None, Dist(), expect=expect)
     return path, state, model
+
+
+def rewrite_manifest(path):
+    """Make a tampered checkpoint look intact again (size and checksum of every file as it now is)."""
+    os.remove(path / "manifest.json")
+    ckpt.write_manifest(str(path))
 
 
 def test_incomplete_checkpoints_are_skipped(tok, tmp_path):
@@ -196,7 +209,7 @@ def test_incomplete_checkpoints_are_skipped(tok, tmp_path):
     root = tmp_path / "checkpoints"
     weights = root / "step-3" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
-    os.remove(root / "step-2" / "trainer.pt")  # missing
+    os.remove(root / "step-2" / "trainer.json")  # missing
     os.rename(root / "step-9", root / "step-9.tmp")  # a save that did not get to its rename: never counts
     with pytest.warns(UserWarning) as caught:
         path, state, model = resume_into(tok, tmp_path)
@@ -206,6 +219,84 @@ def test_incomplete_checkpoints_are_skipped(tok, tmp_path):
     assert model.lm_head.weight[0, 0].item() == 1.0
 
 
+def test_a_corrupted_file_of_the_right_size_names_itself_and_the_run_falls_back(tok, tmp_path):
+    """Random bytes of the same size used to load, and crash later with "probability tensor contains inf/nan";
+    the manifest's checksums catch them."""
+    saved_steps(tok, tmp_path, [1, 2])
+    weights = tmp_path / "checkpoints" / "step-2" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = os.urandom(64)  # inside the tensor data: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"step-2: model/model\.safetensors does not match its sha256"):
+        path, state, model = resume_into(tok, tmp_path)
+    assert path.endswith("step-1") and state.step == 1 and model.lm_head.weight[0, 0].item() == 1.0
+
+
+def test_every_checkpoint_rejected_stops_and_lists_each(tok, tmp_path):
+    """It used to warn and restart from step 0 (exit 0, duplicated metrics rows)."""
+    saved_steps(tok, tmp_path, [1, 2])
+    os.remove(tmp_path / "checkpoints" / "step-1" / "manifest.json")
+    os.remove(tmp_path / "checkpoints" / "step-2" / "rng-rank0.pt")
+    with pytest.raises(ckpt.CheckpointError) as err, pytest.warns(UserWarning):
+        resume_into(tok, tmp_path)
+    message = str(err.value)
+    assert "step-2: rng-rank0.pt is missing" in message and "step-1: no manifest.json" in message
+    assert "checkpoint.resume: never" in message
+
+
+class Planted:
+    """Unpickling this runs code: what a hostile checkpoint file would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file when unpickled
+
+
+@pytest.mark.parametrize("name", ["rng-rank0.pt", "trainer.pt"])
+def test_resuming_runs_no_code_from_the_checkpoint(tok, tmp_path, name):
+    """A planted pickle (rng-rank0.pt, or the trainer.pt the old format loaded with weights_only=False) is
+    refused without running it; the checkpoint's own state is JSON and tensors only."""
+    saved_steps(tok, tmp_path, [1])
+    step = tmp_path / "checkpoints" / "step-1"
+    marker = tmp_path / "pwned"
+    torch.save({"python": Planted(str(marker))}, step / name)
+    rewrite_manifest(step)
+    try:
+        resume_into(tok, tmp_path)
+    except ckpt.CheckpointError as e:
+        assert name == "rng-rank0.pt" and "refused" in str(e)
+    assert not marker.exists()
+    assert json.loads((step / "trainer.json").read_text())["state"]["step"] == 1
+
+
+def test_non_finite_weights_are_never_saved(tok, tmp_path):
+    model, opt, sched = saved_steps(tok, tmp_path, [1])
+    with torch.no_grad():
+        model.lm_head.weight[3, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf; checkpoint .*step-2 is not written"):
+        save_step(tok, tmp_path, model, opt, sched, 2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-1"]
+
+
+@pytest.mark.parametrize("writer", ["save_model", "save_sharded"])
+def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tok, tmp_path, monkeypatch, writer):
+    model, opt, sched = saved_steps(tok, tmp_path, [1])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, writer, full)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        save_step(tok, tmp_path, model, opt, sched, 2)
+    message = str(err.value)
+    assert message.startswith("No space left on device while writing") and "step-2" in message
+    assert "iB free in" in message and "step-1) is intact" in message and "\n" not in message
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-1"]  # no step-2.tmp left
+    monkeypatch.undo()
+    assert resume_into(tok, tmp_path)[0].endswith("step-1")
+
+
 def test_keep_last_k(tok, tmp_path):
     (tmp_path / "checkpoints" / "step-7.tmp").mkdir(parents=True)  # left by a killed save
     saved_steps(tok, tmp_path, [1, 2, 3, 4, 5], keep=2)
@@ -213,43 +304,65 @@ def test_keep_last_k(tok, tmp_path):
     assert ckpt.latest(str(tmp_path)).endswith("step-5")
 
 
-@pytest.mark.parametrize("key,value", [("rollout", {"group_size": 4}), ("variant", "structured")])
-def test_incompatible_config_is_refused(tok, tmp_path, key, value):
+def test_a_save_drops_the_checkpoints_of_an_abandoned_later_attempt(tok, tmp_path):
+    """After falling back to step-1 (step-3 rejected), saving step-2 removes step-3: it belongs to a future
+    this run no longer has, and `auto` must not pick it up again."""
+    model, opt, sched = saved_steps(tok, tmp_path, [1, 3])
+    save_step(tok, tmp_path, model, opt, sched, 2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-1", "step-2"]
+
+
+def test_incompatible_config_is_refused(tok, tmp_path):
     saved_steps(tok, tmp_path, [1])
-    cfg = toy_config(**{key: value}, checkpoint={"resume": "auto"})
-    name = "rollout.group_size" if key == "rollout" else "variant"
-    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-        resume_into(tok, tmp_path, cfg)
+    with pytest.raises(ckpt.CheckpointError, match=r"rollout\.group_size: checkpoint 8 vs run 4"):
+        resume_into(tok, tmp_path, expect={"rollout.group_size": 4, "variant": "causal"})
+    assert resume_into(tok, tmp_path, expect={"rollout.group_size": 8, "variant": "causal"})[0].endswith("step-1")
 
 
 def test_rng_is_restored(tok, tmp_path):
     saved_steps(tok, tmp_path, [1])
-    expected = torch.rand(3)  # what an uninterrupted run would draw next
+    expected = (torch.rand(3), random.random(), np.random.rand())  # what an uninterrupted run would draw next
     resume_into(tok, tmp_path)
-    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+
+
+def test_metrics_resume_at_the_checkpoint_past_a_torn_line(tok, tmp_path):
+    """A half-written last line used to block every resume with a bare JSONDecodeError; rows after the
+    resumed step are dropped, so no step is logged twice."""
+    saved_steps(tok, tmp_path, [2])
+    rows = [json.dumps({"step": s, "reward": 0.5}) for s in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "rew')
+    assert resume_into(tok, tmp_path)[1].step == 2
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1]
+
+
+def test_a_restart_before_the_first_checkpoint_logs_no_step_twice(tok, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n" + json.dumps({"step": 1}) + "\n")
+    path, state, _ = resume_into(tok, tmp_path)
+    assert path is None and state.step == 0 and (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")
 def test_saving_before_the_first_update_leaves_the_optimizer_alone(tok, tmp_path):
     """AdamW has no state before its first step; a checkpoint must not create one (that would change the
     first update), and resuming it gives a fresh optimizer at the saved learning rate."""
-    cfg = toy_config(checkpoint={"resume": "auto"})
     model = tiny(tok)
     opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 5, 10)  # warmup: lr 2e-4 at step 0
     sched.step()  # 4e-4: the lr after one (skipped) update
-    ckpt.save(str(tmp_path), cfg, model, opt, sched, TrainState(step=1), Dist(), tok)
+    save_step(tok, tmp_path, model, opt, sched, 1)
     assert not opt.state
     model = tiny(tok, seed=3)
     opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 5, 10)
-    ckpt.resume(str(tmp_path), cfg, model, opt, sched, TrainState(), None, Dist())
+    ckpt.resume(str(tmp_path), "auto", model, opt, sched, TrainState(), None, Dist())
     assert not opt.state and opt.param_groups[0]["lr"] == pytest.approx(4e-4)
     assert torch.equal(model.lm_head.weight, tiny(tok).lm_head.weight)
 
 
 def test_resume_never_and_explicit_path(tok, tmp_path):
     saved_steps(tok, tmp_path, [1, 2])
-    assert resume_into(tok, tmp_path, toy_config(checkpoint={"resume": "never"}))[0] is None
+    assert resume_into(tok, tmp_path, "never")[0] is None
     path = str(tmp_path / "checkpoints" / "step-1")
-    assert resume_into(tok, tmp_path, toy_config(checkpoint={"resume": path}))[1].step == 1
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
-        resume_into(tok, tmp_path, toy_config(checkpoint={"resume": str(tmp_path / "nowhere")}))
+    assert resume_into(tok, tmp_path, path)[1].step == 1
+    with pytest.raises(ckpt.CheckpointError, match="no manifest.json"):
+        resume_into(tok, tmp_path, str(tmp_path / "nowhere"))

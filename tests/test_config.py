@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from curriculum.config import (CONFIG_DIR, ConfigError, build_config, check_files, load_config, parse_overrides,
-                               pipeline_stages, read_yaml)
+from curriculum.config import (CONFIG_DIR, ConfigError, build_config, load_config, parse_overrides, pipeline_stages,
+                               read_yaml)
+from curriculum.preflight import check_files, preflight
 
 ROOT = os.path.dirname(CONFIG_DIR)
 
@@ -19,9 +20,15 @@ def test_every_config_parses_and_validates(path, tmp_path):
     for stage in pipeline_stages(cfg) if cfg.kind != "pipeline" else []:
         assert stage.name
     if os.path.basename(path) == "pipeline.yaml":
-        (tmp_path / "train.jsonl").write_text("")
+        train = tmp_path / "train.jsonl"
+        train.write_text('{"question": "1+1?", "answer": "2", "solution": "1+1=2"}\n')
+        (tmp_path / "amc23.jsonl").write_text('{"question": "2+2?", "answer": "4"}\n')
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_text("{}")
         # the placeholders (model directory, data files) pointed at things that exist
-        cfg = load_config(path, ["model.path=" + ROOT, "data.train=" + str(tmp_path / "train.jsonl")])
+        cfg = load_config(path, ["model.path=" + str(model), "data.train=" + str(train), f"eval.data_dir={tmp_path}"])
+        assert preflight(cfg, world=8) == []
         names = [s.name for s in pipeline_stages(cfg)]
         assert names == ["stage0_sft", "stage1", "stage2"]
         stages = pipeline_stages(cfg)
@@ -65,9 +72,9 @@ def test_overrides_are_typed_and_checked(tmp_path):
 
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"model.path: directory 'models/Qwen3-4B-Base' does not exist"):
-        load_config("stage0_sft.yaml")
-    cfg = build_config({"model": {"path": ROOT}, "data": {"train": str(tmp_path / "nope.jsonl")}})
-    with pytest.raises(ConfigError, match=r"data.train: file .*nope.jsonl' does not exist"):
+        preflight(load_config("stage0_sft.yaml"))
+    cfg = build_config({"model": {"build": {}}, "data": {"train": str(tmp_path / "nope.jsonl")}})
+    with pytest.raises(ConfigError, match=r"data.train: .*nope.jsonl: no such data file"):
         check_files(cfg)
     with pytest.raises(ConfigError, match="no model given"):
         check_files(build_config({"data": {"synthetic": {"n": 1}}}))
@@ -175,3 +182,124 @@ def test_a_regular_install_carries_the_configs(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env=dict(os.environ, PYTHONPATH=site), timeout=120)
     assert r.returncode == 0 and "# --- stage2 (grpo, causal) -> runs/demo-quick/stage2" in r.stdout, r.stderr
+
+
+# --- refused before any work: ranges, rules, files, data rows ------------------------------------------
+
+def demo_with(*overrides, world=1):
+    cfg = load_config("demo.yaml", list(overrides))
+    return preflight(cfg, world)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("rollout.group_size=1", r"rollout.group_size: 1 is out of range; it must be >= 2"),
+    ("rollout.top_p=0", r"rollout.top_p: 0.0 is out of range; it must be > 0.0 and <= 1.0"),
+    ("rollout.top_p=1.5", r"rollout.top_p: 1.5 is out of range"),
+    ("rollout.temperature=-1", r"rollout.temperature: -1.0 is out of range; it must be >= 0.0"),
+    ("rollout.max_new_tokens=0", r"rollout.max_new_tokens: 0 is out of range"),
+    ("optim.lr=.nan", r"optim.lr: nan is not a finite number"),
+    ("optim.lr=1e30", r"optim.lr: 1e\+30 is out of range; it must be >= 0.0 and <= 1.0"),
+    ("optim.lr=-1e-6", r"optim.lr: -1e-06 is out of range"),
+    ("reward.timeout=0", r"reward.timeout: 0.0 is out of range; it must be > 0.0"),
+    ("reward.workers=-1", r"reward.workers: -1 is out of range"),
+    ("grpo.clip_c=0.5", r"grpo.clip_c: 0.5 is out of range; it must be > 1.0"),
+    ("checkpoint.keep=-1", r"checkpoint.keep: -1 is out of range"),
+    ("model.device=gpu", r"model.device: 'gpu' is not allowed; it must be auto, cpu, cuda or cuda:N"),
+    ("seed=-3", r"seed: -3 is out of range"),
+    ("eval.benchmarks.easy.samples=0", r"eval.benchmarks.easy.samples: 0 is out of range"),
+])
+def test_value_ranges_are_refused_when_read(override, match):
+    with pytest.raises(ConfigError, match=match):
+        demo_with(override)
+
+
+@pytest.mark.parametrize("overrides, world, match", [
+    (["grpo.prompts_per_step=12", "grpo.mini_batch_prompts=8"], 1, r"stage1: grpo.prompts_per_step=12 must be a "
+     r"multiple of grpo.mini_batch_prompts=8"),
+    ([], 3, r"stage0: sft.batch_size=64 must be a multiple of the world size 3"),
+    (["sft.batch_size=6"], 3, r"stage1: grpo.prompts_per_step=16 must be a multiple of the world size 3"),
+    (["rollout.temperature=0"], 1, r"stage1: rollout.temperature: 0 \(greedy\)"),
+    (["optim.betas=[0.9, 1.0]"], 1, r"optim.betas: \[0.9, 1.0\]; give two numbers in \[0, 1\)"),
+    (["reward.accuracy_steps=11"], 1, r"reward.accuracy_steps=11 must be at most reward.window=10"),
+    (["data.val_size=1.5"], 1, r"data.val_size: 1.5"),
+    (["data.synthetic.difficulty=medium"], 1, r"data.synthetic.difficulty: 'medium'"),
+    (["checkpoint.resume=sometimes"], 1, r"checkpoint.resume: 'sometimes' is not a directory; give auto, never"),
+])
+def test_rules_between_keys_are_refused_before_any_work(overrides, world, match):
+    with pytest.raises(ConfigError, match=match):
+        demo_with(*overrides, world=world)
+
+
+def test_a_malformed_set_value_is_a_config_error():
+    for item, match in [("grpo.steps=[1", r"--set 'grpo.steps=\[1': the value is not valid YAML"),
+                        ("grpo..steps=1", "expected key=value with a dotted key"),
+                        ("=1", "expected key=value with a dotted key")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_overrides([item])
+    with pytest.raises(ConfigError, match="grpo.steps was set to a value by an earlier --set"):
+        parse_overrides(["grpo.steps=3", "grpo.steps.x=1"])
+
+
+def test_yaml_no_and_off_for_a_string_key_hint_at_quoting():
+    for data, key in [({"name": False}, "name"), ({"data": {"template": False}}, "data.template"),
+                      ({"checkpoint": {"resume": False}}, "checkpoint.resume")]:
+        with pytest.raises(ConfigError, match=f"{key}: .*quote the value") as err:
+            build_config(data)
+        assert "YAML reads unquoted no/off/false" in str(err.value)
+
+
+def test_an_empty_mapping_from_the_command_line_empties_the_key():
+    """--set eval.benchmarks={} switches the end-of-stage evaluation off; deep_merge used to merge the empty
+    mapping into the file's benchmarks, changing nothing."""
+    stages = pipeline_stages(load_config("demo.yaml", ["eval.benchmarks={}"]))
+    assert [s.eval.benchmarks for s in stages] == [{}, {}, {}]
+    assert load_config("demo.yaml", ["eval={}"]).eval.data_dir == "data"  # a whole section: nothing to change
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "a/b", "..", ".hidden", ""])
+def test_stage_names_are_plain_names(name):
+    with pytest.raises(ConfigError, match="name: .* a plain name"):
+        load_config("demo.yaml", [f"stages=[{{name: '{name}', kind: sft}}]"])
+
+
+def test_two_stages_of_one_name_are_refused():
+    with pytest.raises(ConfigError, match="a second stage named 'a'"):
+        load_config("demo.yaml", ["stages=[{name: a}, {name: a}]"])
+
+
+def test_init_from_not_there_yet_and_an_ignored_model_path_are_said_at_dry_run(tmp_path):
+    with pytest.raises(ConfigError, match=r"init_from: 'stage1' means runs/stage1/final, which is not there yet"):
+        preflight(load_config("stage2.yaml", [f"data.train={tmp_path}/t.jsonl"]))
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "t.jsonl").write_text('{"question": "q", "answer": "1"}\n')
+    notes = preflight(load_config("stage2.yaml", [f"init_from={model}", f"model.path={ROOT}",
+                                                  f"data.train={tmp_path}/t.jsonl", "eval.benchmarks={}"]))
+    assert notes == [f"model.path ({ROOT}) is not used: init_from ({model}) gives the starting weights and the "
+                     "tokenizer"]
+
+
+def test_benchmark_files_of_the_end_of_stage_evaluation_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.benchmarks.amc23: data/amc23.jsonl: no such data file.*"
+                                          r"--set eval.benchmarks=\{\} to skip"):
+        demo_with("eval.benchmarks={amc23: {path: amc23.jsonl}}")
+
+
+def test_data_rows_are_checked_when_the_config_is_read(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "1", "solution": "s"}\n{"question": "q2", "answer": null}\n')
+    with pytest.raises(ConfigError, match=rf"stage0: data.train: {bad}:2: field 'answer' \(column 'answer'\) is null"):
+        demo_with(f"data.train={bad}", "data.synthetic=null")
+    unsolved = tmp_path / "unsolved.jsonl"
+    unsolved.write_text('{"question": "q", "answer": "1", "solution": "s"}\n{"question": "q2", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match=rf"stage0: data.train: {unsolved}:2: no solution"):  # SFT needs one
+        demo_with(f"data.train={unsolved}", "data.synthetic=null")
+    with pytest.raises(ConfigError, match=r"fields maps 'id' to column 'uid', which none of the first 1 rows holds"):
+        demo_with(f"data.train={unsolved}", "data.synthetic=null", "data.fields={id: uid}", "data.limit=1")
+
+
+def test_run_py_dry_run_refuses_a_bad_value_in_one_line():
+    r = run_py("--config", "demo", "--dry-run", "--set", "rollout.top_p=0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "config error: rollout.top_p: 0.0 is out of range; it must be > 0.0 and <= 1.0"

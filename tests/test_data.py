@@ -73,6 +73,10 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("row, match", [
     ({"question": "q?"}, r":2: missing field 'answer'"),
+    ({"question": "q?", "answer": None}, r":2: field 'answer' \(column 'answer'\) is null"),
+    ({"question": "q?", "answer": float("nan")}, r":2: field 'answer' \(column 'answer'\) is nan"),
+    ({"question": "q?", "answer": 2.5}, r":2: field 'answer' .* is the float 2.5; write it as a string \(.2\.5.\)"),
+    ({"question": "q?", "answer": 1e400}, r":2: field 'answer' .* is inf"),
     ({"answer": "1"}, r":2: missing field 'question'"),
     ({"question": "  ", "answer": "1"}, r":2: empty field 'question'"),
     ({"question": ["q"], "answer": "1"}, r":2: field 'question' .* must be a string"),
@@ -83,6 +87,13 @@ def test_bad_rows_name_line_and_field(tmp_path, row, match):
     path = write_lines(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), json.dumps(row)])
     with pytest.raises(DataError, match=match):
         load_examples(path)
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"question": "caf\xe9?", "answer": "1"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
+        load_examples(str(path))
 
 
 def test_missing_file_and_unknown_format(tmp_path):

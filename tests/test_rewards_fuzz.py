@@ -4,7 +4,9 @@ import random
 import string
 import time
 
-from rewards import RewardFn, extract_answer, is_equivalent, parallel_stats, parallel_stats_ids
+from rewards import extract_answer, is_equivalent, parallel_stats, parallel_stats_ids
+
+from .test_rewards_schedule import make_reward
 
 PIECES = ["<Parallel>", "</Parallel>", "<Path>", "</Path>", "<Summary>", "</Summary>", "<Path", "Parallel>",
           "{", "}", "{{", "}}", "\\boxed{", "\\boxed {", "\\fbox{", "Final Answer:", "final answer:", "\n",
@@ -44,7 +46,7 @@ def test_extraction_and_format_checks_never_raise():
 
 def test_reward_never_raises_and_stays_within_its_time_limit():
     rng = random.Random(1)
-    reward_fn = RewardFn(timeout=1.0)
+    reward_fn = make_reward(mode="alternating", timeout=1.0)
     is_equivalent("x+1", "1+x")  # start the checker process before timing
     times, verdicts = [], {}
     for index in range(2000):
@@ -97,7 +99,7 @@ def test_long_adversarial_inputs_stay_fast_outside_the_checker():
 
 
 def test_long_adversarial_rewards_stay_within_the_time_limit():
-    reward_fn = RewardFn(timeout=1.0)
+    reward_fn = make_reward(mode="alternating", timeout=1.0)
     is_equivalent("x+1", "1+x")
     for text in ADVERSARIAL[:4]:
         start = time.perf_counter()

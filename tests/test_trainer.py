@@ -91,8 +91,9 @@ def test_toy_reward_rises(tok, tags, tmp_path, variant):
     for key in ("accuracy", "reward_std", "parallel_ratio", "completions/mean_length", "completions/clipped_ratio",
                 "completions/min_length", "completions/max_length", "frac_reward_zero_std", "clip_ratio/low_mean",
                 "clip_ratio/high_mean", "entropy", "grad_norm", "learning_rate", "time/sample", "time/reward",
-                "time/update", "tokens_per_s", "approx_kl", "loss", "policy_loss"):
+                "time/update", "tokens_per_s", "approx_kl", "loss", "policy_loss", "reward/timeouts", "reward/errors"):
         assert key in rows[-1], key
+    assert "reward_timeouts" not in rows[-1]
     for r in rows:
         assert r["no_update"] == 0 and r["num_tokens"] > 0
         assert r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"]
