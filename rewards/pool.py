@@ -113,11 +113,10 @@ class RewardPool:
                 raise WorkerFailure(f"no reward worker process became ready in {START_TIMEOUT:g} s")
             for slot in [s for s in busy if self._workers[s].reply_connection in ready]:
                 index, _ = busy.pop(slot)
-                result = self._receive(slot, reward_fn)
                 if index is None:  # the introduction: the worker knows this reward now (or cannot: items say why)
-                    self._knows[slot] = type(reward_fn)
+                    self._introduced(slot, reward_fn)
                 else:
-                    results[index] = result
+                    results[index] = self._receive(slot, reward_fn)
             for slot in [s for s, (_, d) in busy.items() if d <= time.monotonic()]:
                 index, _ = busy.pop(slot)
                 self._replace(slot)
@@ -145,6 +144,15 @@ class RewardPool:
             return _failed_score(reward_fn, str(error), timeout=False)
         except (TypeError, ValueError) as error:  # a custom reward_fn returning the wrong shape
             return _failed_score(reward_fn, f"bad reward result: {error}", timeout=False)
+
+    def _introduced(self, slot: int, reward_fn) -> None:
+        try:
+            self._workers[slot].receive()
+        except WorkerFailure:
+            if not self._workers[slot].alive():
+                self._replace(slot)
+                return
+        self._knows[slot] = type(reward_fn)
 
     def _replace(self, slot: int) -> None:
         # The new worker starts in the background; it takes items once it has reported ready.

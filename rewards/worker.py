@@ -198,7 +198,8 @@ def serve(read_fd: str, write_fd: str, memory_limit: str, preload: str, warm: st
     """Child side: answer (fn, args, cpu_limit) requests until the parent closes the pipe."""
     global _in_worker
     _in_worker = True
-    # Ctrl-C reaches the whole process group; the parent decides what happens to us.
+    # A checker shares its worker's process group (and a worker of a process without its own group the
+    # terminal's): a Ctrl-C there is not ours to act on; the parent decides what happens to us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = Connection(int(read_fd), writable=False)
     replies = Connection(int(write_fd), readable=False)
