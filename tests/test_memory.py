@@ -150,14 +150,16 @@ def test_activation_formula_in_bfloat16_and_eager(dtype, attn, checkpointing):
 
 @pytest.fixture()
 def qwen3_4b(tmp_path):
-    """A directory holding only a Qwen3-4B-Base-shaped config.json, and an (empty) training file."""
+    """A directory holding only a Qwen3-4B-Base-shaped config.json, and a one-row training file."""
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
-    (tmp_path / "train.jsonl").write_text("")
+    for name in ("train.jsonl", "amc23.jsonl"):  # stage 2's training file and its end-of-stage benchmark
+        (tmp_path / name).write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
     return str(tmp_path)
 
 
 def stage2(model_dir: str, *overrides):
-    return load_config("stage2.yaml", [f"init_from={model_dir}", f"data.train={model_dir}/train.jsonl", *overrides])
+    return load_config("stage2.yaml", [f"init_from={model_dir}", f"data.train={model_dir}/train.jsonl",
+                                       f"eval.data_dir={model_dir}", *overrides])
 
 
 def test_stage2_plan_of_qwen3_4b_by_hand(qwen3_4b):
@@ -187,7 +189,8 @@ def run_py(*args):
 
 def dry_run_args(model_dir: str, device: str) -> list:
     return ["--dry-run", "--config", "configs/stage2.yaml", "--set", f"init_from={model_dir}",
-            "--set", f"data.train={model_dir}/train.jsonl", "--world-size", "8", "--device-memory", device]
+            "--set", f"data.train={model_dir}/train.jsonl", "--set", f"eval.data_dir={model_dir}",
+            "--world-size", "8", "--device-memory", device]
 
 
 def test_dry_run_of_stage2_fits_8_x_80gb(qwen3_4b):
@@ -230,7 +233,7 @@ def test_dry_run_without_the_model_says_what_to_pass(qwen3_4b):
     cfg = load_config("stage2.yaml", [f"data.train={qwen3_4b}/train.jsonl", "run_dir=/nonexistent/stage2"])
     [(stage, note)] = stage_plans(pipeline_stages(cfg), 8, 80 * 10**9)
     assert isinstance(note, str) and "\n" not in note
-    assert "init_from='stage1'" in note and "pass --set init_from=DIR or --set model.path=DIR" in note
+    assert "init_from: 'stage1' means runs/stage1/final" in note and "pass --set init_from=DIR or --set model.path=DIR" in note
 
 
 def test_the_demo_plans_every_stage_from_model_build():
@@ -247,7 +250,7 @@ def test_a_real_run_checks_the_fit_before_any_work(qwen3_4b, tmp_path, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "8")
     run_dir = tmp_path / "run"
     assert run.main(["--config", "stage2.yaml", "--set", f"init_from={qwen3_4b}", "--set", f"run_dir={run_dir}",
-                     "--set", f"data.train={qwen3_4b}/train.jsonl"]) == 2
+                     "--set", f"data.train={qwen3_4b}/train.jsonl", "--set", f"eval.data_dir={qwen3_4b}"]) == 2
     assert capsys.readouterr().err.startswith("memory: stage2: rollout.kv_cache_fraction 0.7 leaves")
     assert not run_dir.exists()  # nothing was written: the model was never built
 
