@@ -24,7 +24,7 @@ from grpo.runlog import append_metrics, plot_metrics
 from model.patch import structured_tags
 from model.tokenizer import decode_responses, stop_token_ids
 from rewards import parallel_stats
-from rollout import sampler_layout
+from rollout import SamplingAborted, sampler_layout
 
 from .data import PromptStream
 from .prompts import encode_prompt, encode_sft_example, format_prompt
@@ -71,8 +71,10 @@ def validation_loss(model, rows, cfg, d: Dist) -> float:
     return mean_nll(model, sft_batch(rows, 0), cfg, d) if rows else float("nan")
 
 
-def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int, compute_dtype=None) -> dict:
-    """Sample one response per validation prompt: shares that are well formed / hold a valid block."""
+def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int, compute_dtype=None,
+                   should_stop=None) -> dict:
+    """Sample one response per validation prompt: shares that are well formed / hold a valid block. A stop
+    asked for meanwhile (`should_stop`) abandons the sampling: no figures, and the step is saved as it is."""
     if not examples:
         return {}
     prompts = [encode_prompt(tokenizer, format_prompt(ex.question, cfg.data.prompt_style), cfg.data.template,
@@ -80,15 +82,20 @@ def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int, co
     ro = cfg.rollout
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     model.eval()
+    stats = []
     with torch.no_grad(), gathered_for_sampling(model):
-        r = sampler.generate(prompts, n=1, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                             stop_ids=stop_token_ids(tokenizer), structured=structured_tags(model) is not None, seed=seed)
+        try:
+            r = sampler.generate(prompts, n=1, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                                 stop_ids=stop_token_ids(tokenizer), structured=structured_tags(model) is not None,
+                                 seed=seed, should_stop=should_stop)
+            stats = [parallel_stats(t) for t in decode_responses(tokenizer, r.response_ids, r.response_mask)]
+        except SamplingAborted:
+            pass
     model.train()
-    stats = [parallel_stats(t) for t in decode_responses(tokenizer, r.response_ids, r.response_mask)]
-    local = torch.tensor([len(stats), sum(s.well_formed for s in stats),
-                          sum(s.num_blocks > 0 for s in stats)], dtype=torch.float64, device=d.device)
-    n, wf, par = all_reduce(local).tolist()
-    return {"format_validity": wf / n, "parallel_ratio": par / n}
+    local = torch.tensor([len(stats), sum(s.well_formed for s in stats), sum(s.num_blocks > 0 for s in stats),
+                          float(not stats)], dtype=torch.float64, device=d.device)
+    n, wf, par, abandoned = all_reduce(local).tolist()  # every rank takes part, abandoned or not
+    return {} if abandoned else {"format_validity": wf / n, "parallel_ratio": par / n}
 
 
 def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, compute_dtype=None) -> TrainState:
@@ -131,6 +138,7 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
             if state.step % every == 0 or last:
                 m["eval_loss"] = validation_loss(model, val_rows, cfg, d)
                 m.update(format_figures(model, tokenizer, tags, val[: s.eval_samples][d.rank::d.world], cfg, d,
+                                        should_stop=stop.asked,
                                         seed=cfg.seed + step, compute_dtype=compute_dtype))
             if d.main:
                 append_metrics(run_dir, m)

@@ -3,6 +3,7 @@ carries, Ctrl-C / SIGTERM handling and the end-of-step save, a stage's sampler, 
 micro-batch the way the sampler saw it."""
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import asdict, dataclass, field
 
@@ -31,9 +32,16 @@ class StopRequested(Exception):
     """Ctrl-C / SIGTERM: the run saved a checkpoint and stops."""
 
 
+class StepAbandoned(Exception):
+    """A stop was asked for while this step was sampling: every rank drops the step (the weights are those of
+    the last finished step) so that the stop is saved within torchrun's grace period."""
+
+
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves and stops at the end of the step. A second Ctrl-C
-    abandons the step at once (KeyboardInterrupt): the last checkpoint stays the latest complete one."""
+    """SIGINT/SIGTERM set a flag; the loop saves and stops at the end of the step, or at once when the flag
+    comes while the step is still sampling (`sampling_stop`: the rollout is abandoned, nothing has changed
+    yet, and under torchrun the workers are killed 30 s after the signal). A second Ctrl-C abandons the step
+    at once (KeyboardInterrupt): the last checkpoint stays the latest complete one."""
 
     def __enter__(self):
         self.flag, self.old = False, {}
@@ -45,7 +53,9 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.flag and signum == signal.SIGINT:
+        # under torchrun a terminal Ctrl-C reaches a worker twice (from the terminal, then forwarded by torchrun,
+        # which kills the workers 30 s later anyway): only a lone process takes a second one as "stop now"
+        if self.flag and signum == signal.SIGINT and "TORCHELASTIC_RUN_ID" not in os.environ:
             raise KeyboardInterrupt
         self.flag = True
 
@@ -53,9 +63,29 @@ class StopFlag:
         flag = torch.tensor(float(self.flag), device=d.device)
         return bool(all_reduce(flag, op="max").item())  # every rank stops at the same step
 
+    def asked(self) -> bool:
+        """This rank's flag, no collective: what the sampler polls between decode steps."""
+        return self.flag
+
+    def after_sampling(self, d: Dist) -> None:
+        """The collective every rank runs once its sampling ended or was abandoned, before anything of the step
+        changes the weights: StepAbandoned on every rank when any rank was asked to stop."""
+        if self.requested(d):
+            raise StepAbandoned
+
     def __exit__(self, *exc):
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
+
+
+def save_abandoned(run_dir, cfg, model, opt, sched, state, d, tokenizer) -> None:
+    """A stop that came while step `state.step` was sampling: save the last finished step (unless its checkpoint
+    is there already) and raise StopRequested."""
+    done = os.path.join(run_dir, "checkpoints", f"step-{state.step}")
+    if state.step and ckpt.latest_name(run_dir) != done:
+        ckpt.save(run_dir, model, opt, sched, state, d, tokenizer, config=asdict(cfg), keep=cfg.checkpoint.keep)
+    saved = f"checkpoint of step {state.step} in {run_dir}/checkpoints" if state.step else "no step had finished"
+    raise StopRequested(f"stopped while sampling step {state.step + 1}, which was dropped; {saved}")
 
 
 def save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop: StopFlag, last: bool) -> None:

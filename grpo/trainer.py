@@ -6,6 +6,7 @@ only readers of the config tree (curriculum/config.py).
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -17,16 +18,19 @@ from tqdm import tqdm
 from model.patch import structured_tags
 from model.tokenizer import decode_responses, stop_token_ids
 from rewards import RewardFn, RewardPool, parallel_stats
+from rollout import SamplingAborted
 
 from . import checkpoint as ckpt
 from .advantage import expand_to_rows, frac_zero_std, group_advantages, nonzero_std_groups
 from .batching import TrainBatch, aligned_micro_batches, make_batch
 from .fsdp import Dist, all_gather_cat, all_reduce, clip_grad_norm, gathered_for_sampling
-from .loop import StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_or_stop
+from .loop import (StepAbandoned, StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_abandoned,
+                   save_or_stop)
 from .loss import grpo_objective
 from .optim import build_optimizer
 from .runlog import append_metrics, plot_metrics
 
+log = logging.getLogger(__name__)
 PLOTS = {"reward": ["reward", "accuracy"], "parallel": ["parallel_ratio", "well_formed"],
          "length": ["completions/mean_length"], "first <Parallel>": ["first_block_position"]}
 
@@ -60,8 +64,16 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop:
         for step in bar:
             items = feed.next_batch(g.prompts_per_step)[d.rank::d.world]  # this rank's share of whole groups
-            metrics = grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sched, tokenizer,
-                                cfg, d, state)
+            try:
+                metrics = grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sched, tokenizer,
+                                    cfg, d, state, stop)
+            except StepAbandoned:  # weights, optimizer and state.feed are still those of the last finished step
+                save_abandoned(run_dir, cfg, model, opt, sched, state, d, tokenizer)
+            except FloatingPointError as e:  # checkpoints are only ever written with finite weights
+                last = ckpt.latest_name(run_dir)
+                raise FloatingPointError(f"{e} " + (f"The last checkpoint, {last}, holds finite weights: resume from "
+                                                    f"it with --set checkpoint.resume={last}" if last else
+                                                    "No checkpoint had been written yet.")) from None
             state.step = step + 1
             state.feed = feed.state_dict()
             if d.main:
@@ -73,17 +85,26 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     return state
 
 
-def grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sched, tokenizer, cfg, d, state) -> dict:
-    """One GRPO step on this rank's prompts `items` (whole groups); returns the step's metrics over all ranks."""
+def grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sched, tokenizer, cfg, d, state,
+              stop: StopFlag | None = None) -> dict:
+    """One GRPO step on this rank's prompts `items` (whole groups); returns the step's metrics over all ranks.
+    StepAbandoned (on every rank) when `stop` was raised while sampling."""
     g, ro, G = cfg.grpo, cfg.rollout, cfg.rollout.group_size
     t0 = time.perf_counter()
-    # 1. sample G responses per prompt
+    # 1. sample G responses per prompt; a stop asked for meanwhile abandons the rollout (minutes at scale)
     model.eval()
+    rollout = None
     with torch.no_grad(), gathered_for_sampling(model):
-        rollout = sampler.generate([it.prompt_ids for it in items], n=G, max_new_tokens=ro.max_new_tokens,
-                                   temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                   stop_ids=stop_token_ids(tokenizer), structured=structured_tags(model) is not None,
-                                   seed=cfg.seed * 1_000_003 + step * d.world + d.rank)
+        try:
+            rollout = sampler.generate([it.prompt_ids for it in items], n=G, max_new_tokens=ro.max_new_tokens,
+                                       temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                       stop_ids=stop_token_ids(tokenizer), structured=structured_tags(model) is not None,
+                                       seed=cfg.seed * 1_000_003 + step * d.world + d.rank,
+                                       should_stop=stop.asked if stop else None)
+        except SamplingAborted:
+            pass
+    if stop is not None:
+        stop.after_sampling(d)  # all ranks agree before the update's collectives
     t1 = time.perf_counter()
     # 2. score
     texts = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
@@ -181,13 +202,16 @@ def _update(model, opt, sched, batch: TrainBatch, cfg, d: Dist, state) -> dict |
         if ok:
             opt.step()
             state.bad_in_a_row = 0
-        else:  # keep the weights, count it
+        else:  # keep the weights, count it, say so
             state.bad_in_a_row += 1
             state.skipped += 1
+            if d.main:
+                log.warning(f"step {state.step}: update skipped, non-finite loss or gradient (grad norm {grad_norm}); "
+                            f"{state.bad_in_a_row} in a row, the run stops at grpo.max_bad_steps="
+                            f"{cfg.grpo.max_bad_steps}")
             if state.bad_in_a_row >= cfg.grpo.max_bad_steps:
                 raise FloatingPointError(f"{state.bad_in_a_row} updates in a row had a non-finite loss or gradient "
-                                         f"(grad norm {grad_norm}); lower optim.lr or check the data and rewards. "
-                                         "The last checkpoint is intact.")
+                                         f"(grad norm {grad_norm}); lower optim.lr or check the data and rewards.")
         opt.zero_grad(set_to_none=True)
         totals.update(grad_norm=grad_norm, skipped_update=float(not ok), learning_rate=lr)
     with warnings.catch_warnings():  # a skipped or empty update still advances the schedule, by design

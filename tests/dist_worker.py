@@ -83,6 +83,31 @@ class RecordingSampler(Sampler):
         return r
 
 
+class HoldingSampler(RecordingSampler):
+    """RecordingSampler that, in its call number `at` (set per scenario), writes `<out>/sampling-rank<r>`
+    (holding its pid) before the first decode step, then holds every decode step until the stop flag it
+    polls is up: a rollout is in progress when the test sends its signal, whatever the machine's speed."""
+
+    at, out = -1, ""
+
+    def generate(self, prompts, n=1, should_stop=None, **kw):
+        if len(self.log) != self.at or should_stop is None:
+            return super().generate(prompts, n=n, should_stop=should_stop, **kw)
+
+        def hold(*args):
+            end = time.monotonic() + 120  # the test fails on its own timeout long before
+            while not should_stop() and time.monotonic() < end:
+                time.sleep(0.01)
+
+        handle = self.model.model.register_forward_pre_hook(hold)
+        with open(os.path.join(self.out, f"sampling-rank{int(os.environ.get('RANK', 0))}"), "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            return super().generate(prompts, n=n, should_stop=should_stop, **kw)
+        finally:
+            handle.remove()
+
+
 class ReplaySampler:
     """Stands in for `Sampler` on rank r of w: call k returns, of the k-th rollout recorded by one process
     over all P prompts, the rows of prompts r, r+w, ... -- exactly the prompts `train_grpo` hands rank r
@@ -151,8 +176,8 @@ def grads_scenario(spec: dict, d, tok, tags) -> None:
 
 
 def run_scenario(spec: dict, d, tok, tags) -> int:
-    """Train as `spec` says (keys: out, config, model, texts, ref, replay | record, block); returns the exit
-    code."""
+    """Train as `spec` says (keys: out, config, model, texts, ref, replay | record | hold, block); returns the
+    exit code."""
     out = spec["out"]
     os.makedirs(out, exist_ok=True)
     cfg = toy_config(**spec.get("config", {}))
@@ -163,6 +188,9 @@ def run_scenario(spec: dict, d, tok, tags) -> int:
     RecordingSampler.log.clear()
     if "replay" in spec:
         grpo.loop.Sampler = ReplaySampler(torch.load(spec["replay"], weights_only=False), d.rank, d.world)
+    elif "hold" in spec:
+        HoldingSampler.at, HoldingSampler.out = spec["hold"], out
+        grpo.loop.Sampler = HoldingSampler
     else:
         grpo.loop.Sampler = RecordingSampler
     block = spec.get("block")

@@ -33,13 +33,15 @@ TEXTS = ["hello world", "how many", "solve the problem", "tom has 3", "what is l
 VOLATILE = ("time/", "tokens_per_s")  # metrics that measure the machine, not the training
 
 
-def spec(out, *, block=None, resume="never", every=2) -> dict:
+def spec(out, *, block=None, resume="never", every=2, hold=None) -> dict:
     s = {"out": str(out), "texts": TEXTS,
          "config": {"grpo": {"steps": STEPS, "prompts_per_step": 2, "mini_batch_prompts": 2},
                     "checkpoint": {"every": every, "resume": resume},
                     "optim": {"schedule": "cosine", "warmup_steps": 1}}}  # the lr changes every step
     if block:
         s["block"] = block
+    if hold is not None:
+        s["hold"] = hold
     return s
 
 
@@ -366,3 +368,23 @@ def test_resume_never_and_explicit_path(tok, tmp_path):
     assert resume_into(tok, tmp_path, path)[1].step == 1
     with pytest.raises(ckpt.CheckpointError, match="no manifest.json"):
         resume_into(tok, tmp_path, str(tmp_path / "nowhere"))
+
+
+def test_ctrl_c_under_torchrun_mid_rollout_saves_the_last_step_at_once(tmp_path):
+    """Ctrl-C in the terminal: SIGINT to torchrun and its workers (one process group), then torchrun forwards it
+    again and kills the workers 30 s later. A rollout in progress (held until the stop flag is up) is
+    abandoned, every rank drops the step and the last finished step is saved: its checkpoint is there, the
+    metrics hold exactly the finished steps, the run resumes from it and ends as an uninterrupted run."""
+    proc = start([spec(tmp_path / "cut", hold=2, every=0)], str(tmp_path), nproc=2)
+    for r in (0, 1):
+        wait_for(tmp_path / "cut" / f"sampling-rank{r}", proc, str(tmp_path))
+    os.killpg(proc.pid, signal.SIGINT)
+    code = finish(proc, str(tmp_path), timeout=60)
+    assert code != 0, code  # torchrun reports the interruption
+    for rank in (0, 1):
+        assert "stopped while sampling step 3, which was dropped; checkpoint of step 2" in stopped(tmp_path / "cut",
+                                                                                                rank)
+    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step-2"]
+    assert [r["step"] for r in metrics(tmp_path / "cut")] == [0, 1]
+    run([spec(tmp_path / "cut", resume="auto", every=0), spec(tmp_path / "straight", every=0)], str(tmp_path), 2)
+    assert_same_run(tmp_path / "cut", tmp_path / "straight")

@@ -151,12 +151,19 @@ def test_structured_batch_trains_with_the_structure(tok, tags):
     assert m["sampler_logp_diff/max"] < 1e-4
 
 
-def test_non_finite_updates_are_skipped_then_stop_the_run(tok, tags, tmp_path):
-    cfg = toy_config(grpo={"steps": 5, "max_bad_steps": 3})
+def test_non_finite_updates_are_skipped_then_stop_the_run(tok, tags, tmp_path, caplog):
+    """Each skipped update is said on the console; the stop names the last checkpoint (only finite weights are
+    ever saved) and how to resume from it."""
+    cfg = toy_config(grpo={"steps": 5, "max_bad_steps": 3}, checkpoint={"every": 1})
     model = tiny(tok)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(FloatingPointError, match="3 updates in a row"):
+    with pytest.raises(FloatingPointError, match="3 updates in a row") as err:
         train_grpo(cfg, model, tok, tags, toy_feed(tok), str(tmp_path), Dist(), reward_fn=NanReward())
+    last = str(tmp_path / "checkpoints" / "step-2")
+    assert f"The last checkpoint, {last}, holds finite weights" in str(err.value)
+    assert f"--set checkpoint.resume={last}" in str(err.value)
+    skipped = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
+    assert len(skipped) == 3 and "3 in a row, the run stops at grpo.max_bad_steps=3" in skipped[-1]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["skipped_update"] for r in rows] == [1.0, 1.0]  # the third one raised before logging
