@@ -1,6 +1,7 @@
 """rollout/run.py + rows.py + cache.py: continuous batching under a KV budget. The pool never holds more rows
 than the budget, waiting samples refill freed rows at once and in order, groups stay whole, and a sample is
-the same whatever the budget (float64, token for token), on policy under refill, tag soup included."""
+the same whatever the budget (float64, token for token). On-policy under refill, tag soup included:
+tests/test_sampler.py test_tag_soup_stays_on_policy[pool-of-5]."""
 import pytest
 import torch
 
@@ -92,24 +93,6 @@ def test_samples_do_not_depend_on_the_budget(tok, tags, structured):
     if structured:
         assert full.stats["blocks"] >= 5 and small.stats["blocks"] == full.stats["blocks"]
         assert small.stats["stalled_blocks"] > 0 and full.stats["stalled_blocks"] == 0
-
-
-@pytest.mark.parametrize("structured", [False, True])
-def test_tag_soup_stays_on_policy_under_refill(tok, tags, structured):
-    m = spread_model(tok, tags, structured)
-    s = sampler(m, tok, tags, max_rows=5, max_parallel_blocks=2)
-    seen = {"stop": 0, "length": 0, "block_limit": 0, "blocks": 0}
-    for seed in range(4):
-        r = s.generate(prompts_of(tok, *PROMPTS[:4]), n=4, max_new_tokens=36, stop_ids=[tok.eos_token_id],
-                       structured=structured, seed=seed)
-        assert r.stats["peak_rows"] <= 5
-        assert_on_policy(m, r, tags if structured else None)
-        for reason in r.finish_reason:
-            seen[reason] += 1
-        seen["blocks"] += r.stats["blocks"]
-    assert seen["stop"] and seen["length"]
-    if structured:
-        assert seen["blocks"] >= 5
 
 
 def test_a_budget_too_small_is_an_error_before_sampling(tok, tags):

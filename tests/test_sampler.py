@@ -86,18 +86,21 @@ def test_causal_logprobs_equal_trainer_forward(tok, tags, temperature, top_p, to
         assert (lp - r.logprobs)[sampled].abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("max_rows", [None, 5], ids=["all-rows", "pool-of-5"])
 @pytest.mark.parametrize("structured", [False, True])
-def test_tag_soup_stays_on_policy(tok, tags, structured):
-    """Tags and EOS are frequent; whatever the model writes, sampler and trainer agree."""
+def test_tag_soup_stays_on_policy(tok, tags, structured, max_rows):
+    """Tags and EOS are frequent; whatever the model writes, sampler and trainer agree, with every row at once
+    and under a pool of 5 rows that refills (and makes blocks wait for rows)."""
     m = soup_model(tok, tags)
     if structured:
         apply_structured_attention(m, tags)
     s = Sampler(m, tags=tags, pad_id=tok.pad_token_id, newline_id=tok.convert_tokens_to_ids("\n"),
-                max_path_tokens=10, max_parallel_blocks=1)
+                max_path_tokens=10, max_parallel_blocks=1, max_rows=max_rows)
     prompts = prompts_of(tok, "hello world 1 2 3", "solve 4 + 5", "7")
     seen = {"stop": 0, "length": 0, "block_limit": 0, "blocks": 0}
     for seed in range(12):
         r = s.generate(prompts, n=4, max_new_tokens=36, stop_ids=[tok.eos_token_id], structured=structured, seed=seed)
+        assert r.stats["peak_rows"] <= (max_rows or 24)
         assert_on_policy(m, r, tags if structured else None)
         for reason in r.finish_reason:
             seen[reason] += 1
