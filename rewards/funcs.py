@@ -74,7 +74,7 @@ def load_reward_func(spec: str):
             raise RewardFuncError(f"{spec!r}: {module_name} ({where}) has no attribute {attr!r}")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise RewardFuncError(f"{spec!r} is a {type(fn).__name__}, not a function")
+        raise RewardFuncError(f"{spec!r} is not a function (its type is {type(fn).__name__})")
     _loaded[spec] = fn
     return fn
 
