@@ -58,13 +58,13 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
         "grpo.prompts_per_step": g.prompts_per_step, "grpo.mini_batch_prompts": g.mini_batch_prompts})
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     r = cfg.reward
-    rewards = RewardSet.from_section(r, builtin=reward_fn)
+    reward_set = RewardSet.from_section(r, builtin=reward_fn)
     stop = StopFlag()
     bar = tqdm(range(state.step, g.steps), initial=state.step, total=g.steps, desc=cfg.name, disable=not d.main)
     with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop:
         for step in bar:
             items = feed.next_batch(g.prompts_per_step)[d.rank::d.world]  # this rank's share of whole groups
-            metrics = grpo_step(step, items, model, ref_model, sampler, pool, rewards, opt, sched, tokenizer,
+            metrics = grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sched, tokenizer,
                                 cfg, d, state)
             state.step = step + 1
             state.feed = feed.state_dict()
@@ -78,8 +78,8 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     return state
 
 
-def grpo_step(step, items, model, ref_model, sampler, pool, rewards, opt, sched, tokenizer, cfg, d, state) -> dict:
-    """One GRPO step on this rank's prompts `items` (whole groups), scored with `rewards` (rewards.RewardSet);
+def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sched, tokenizer, cfg, d, state) -> dict:
+    """One GRPO step on this rank's prompts `items` (whole groups), scored with `reward_set` (rewards.RewardSet);
     returns the step's metrics over all ranks."""
     g, ro, G = cfg.grpo, cfg.rollout, cfg.rollout.group_size
     t0 = time.perf_counter()
@@ -93,7 +93,8 @@ def grpo_step(step, items, model, ref_model, sampler, pool, rewards, opt, sched,
     t1 = time.perf_counter()
     # 2. score
     texts = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
-    scores = score_step(pool, rewards, reward_inputs(items, texts, rollout, G, g.steps, bool(rewards.funcs)), step)
+    inputs = reward_inputs(items, texts, rollout, G, g.steps, extras=bool(reward_set.funcs))
+    scores = score_step(pool, reward_set, inputs, step)
     for name, reason in scores.failures:  # each reward's failures are named once; all are counted (reward/errors)
         log.warning(f"{'' if d.world == 1 else f'rank {d.rank}: '}reward {name} failed: {reason} (its score is "
                     "left out where a reward function fails; counted in reward/errors and reward/timeouts)")
