@@ -23,10 +23,10 @@ class RewardSet:
     @classmethod
     def from_section(cls, section, builtin=None) -> "RewardSet":
         """The rewards of a config's reward section (read by field name, as RewardFn.from_section): the built-in
-        reward named after reward.mode (`builtin` replaces it, e.g. a test's toy reward), or none for mode none;
-        reward.funcs weighted by reward.weights (1 each when unset)."""
+        reward named after reward.mode, or none for mode none; `builtin` replaces it (train_grpo's reward_fn, e.g.
+        a test's toy reward; named "reward_fn"); reward.funcs weighted by reward.weights (1 each when unset)."""
         if builtin is not None:
-            name = getattr(builtin, "__name__", type(builtin).__name__)
+            name = "reward_fn"
         elif section.mode != "none":
             builtin, name = RewardFn.from_section(section), section.mode
         else:

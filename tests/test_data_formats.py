@@ -68,7 +68,8 @@ def test_dapo_verl_form_loads_with_dotted_fields_and_the_question_pattern(tmp_pa
 
 
 def test_a_pattern_that_does_not_match_names_the_row(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "x #### 1"}, {"question": "q", "answer": "2"}])
+    rows = [{"question": "q", "answer": "x #### 1"}, {"question": "q", "answer": "2"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=r"d\.jsonl:2: data\.answer_pattern '####\\\\s\*\(\.\+\)' does not match field "
                                         r"'answer' \(column 'answer'\): '2'"):
         load_examples(path, patterns=Patterns(answer=GSM8K))
@@ -80,8 +81,8 @@ def test_conversational_rows_are_the_prompt_as_written(tmp_path, tok):
     assert ex.conversational and ex.prompt == CHAT and ex.question == "what is 2 add 3" and ex.meta == {"level": 2}
     assert example_prompt(ex, "parallel", "ignored {question}") == CHAT  # style and instruction do not apply
     ids, _ = encode_prompt(tok, ex.prompt, "chat")
-    assert tok.decode(ids) == "<|im_start|>system\nsolve the problem<|im_end|>\n<|im_start|>user\nwhat is 2 add 3<|im_end|>\n" \
-                              "<|im_start|>assistant\n"
+    assert tok.decode(ids) == ("<|im_start|>system\nsolve the problem<|im_end|>\n"
+                               "<|im_start|>user\nwhat is 2 add 3<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="needs template='chat'"):
         encode_prompt(tok, ex.prompt, "raw")
     (plain,) = load_examples(path, {"question": "prompt.1.content", "prompt": None})  # the question, our prompt

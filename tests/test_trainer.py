@@ -221,7 +221,7 @@ def test_reward_functions_by_name_log_their_own_metrics_and_count_failures(tok, 
     for step, r in enumerate(rows):
         assert (r["rewards/echo_step/mean"], r["rewards/echo_step/std"]) == (step, 0.0)
         assert r["rewards/raises/mean"] is None and r["rewards/raises/std"] is None
-        assert r["reward"] == pytest.approx(r["rewards/WordReward/mean"] + 2.0 * step)  # raises: left out
+        assert r["reward"] == pytest.approx(r["rewards/reward_fn/mean"] + 2.0 * step)  # raises: left out
         assert (r["reward/errors"], r["reward/timeouts"]) == (n, 0)
     named = [rec.getMessage() for rec in caplog.records if "reward raises failed" in rec.getMessage()]
     assert len(named) == 1 and "RuntimeError: boom" in named[0]
