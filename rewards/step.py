@@ -65,9 +65,10 @@ def score_step(pool: RewardPool, rewards: RewardSet, inputs: RewardInputs, step:
     assert n % G == 0, f"{n} responses do not form groups of {G}"
     if rewards.builtin is not None:
         scores = pool.score(rewards.builtin, inputs.completions, inputs.answers, step)
-        parts = [c for c in scores.components if isinstance(c, dict) and c.get("error")]
-        failures = [*_first_failures(pool, rewards.builtin_name, [c["error"] for c in parts if not c.get("timeout")]),
-                    *_first_failures(pool, rewards.builtin_name, [c["error"] for c in parts if c.get("timeout")], True)]
+        failed = [c for c in scores.components if isinstance(c, dict) and c.get("error")]
+        name = rewards.builtin_name
+        failures = [*_first_failures(pool, name, [c["error"] for c in failed if not c.get("timeout")]),
+                    *_first_failures(pool, name, [c["error"] for c in failed if c.get("timeout")], timeout=True)]
         scores = replace(scores, per_func={rewards.builtin_name: scores.rewards}, failures=failures)
         parts = [(1.0, scores.rewards)]
     else:
