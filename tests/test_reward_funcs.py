@@ -94,3 +94,12 @@ def test_run_refuses_a_function_from_main_before_any_work(tmp_path, capsys):
     assert err == ["config error: reward.funcs[0]: '__main__:my_reward' is defined in __main__ (the script being "
                    "run); the reward workers are separate processes that cannot import it: move it into a module "
                    "and name that"]
+
+
+def test_a_failing_builtin_reward_is_named_once_too():
+    from .test_rewards_pool import Raises
+    with RewardPool(workers=0) as pool:
+        first = score_step(pool, RewardSet(Raises(), "reward_fn"), inputs(), step=0)
+        second = score_step(pool, RewardSet(Raises(), "reward_fn"), inputs(), step=1)
+    assert first.rewards == [-1.0] * 4 and (first.errors, second.errors) == (4, 4)  # the built-in's failure: wrong
+    assert first.failures == [("reward_fn", "RuntimeError: boom")] and second.failures == []
