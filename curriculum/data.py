@@ -1,6 +1,7 @@
-"""Datasets as lists of frozen `Example` records read from local JSONL or parquet files, a
-deterministic train/validation split, and `PromptStream`, the endless resumable batch iterator
-that feeds GRPO prompts. A bad row stops with `DataError` naming the file, the line and the field."""
+"""Datasets as lists of frozen `Example` records read from local files (JSONL and parquet directly; CSV, arrow and
+`datasets` save_to_disk directories through the optional `datasets` package, offline), a deterministic
+train/validation split, and `PromptStream`, the endless resumable batch iterator that feeds GRPO prompts. A bad
+row stops with `DataError` naming the file, the line and the field."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,10 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field, replace
+
+from .hfdata import HF_FORMATS, hf_rows
 
 FIELDS = ("id", "question", "answer", "solution", "prompt")  # our names; `fields=` maps them to columns
 _REQUIRED = ("question", "answer")
@@ -32,44 +36,75 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One problem. `meta` holds the file's other columns (e.g. difficulty, level, subject)."""
+    """One problem. `prompt`: a prompt text as the file gives it, or the list of {role, content} messages of a
+    conversational row (TRL's form: it is the prompt, and `question` is its last user message). `meta` holds the
+    file's other columns (e.g. difficulty, level, subject)."""
 
     id: str
     question: str
     answer: str
     solution: str | None = None
-    prompt: str | None = None
+    prompt: str | list | None = None
     meta: dict = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """Regexes whose first group is the field's value, searched in the column's text (data.answer_pattern,
+    data.question_pattern); None: the column as it is."""
+    answer: str | None = None
+    question: str | None = None
+
+
+def compile_pattern(pattern: str, name: str) -> re.Pattern:
+    """`pattern` compiled; ValueError when it does not compile or has no group to take the value from."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{name} {pattern!r} is not a valid regular expression ({e})") from None
+    if regex.groups < 1:
+        raise ValueError(f"{name} {pattern!r} has no group; put the part to keep in parentheses, e.g. '####\\s*(.+)'")
+    return regex
 
 
 def load_examples(path: str, fields: dict | None = None, limit: int | None = None,
-                  repair_latex_escapes: bool = False) -> list[Example]:
-    """Read examples from `.jsonl`/`.json` (one JSON object per line) or `.parquet`.
+                  repair_latex_escapes: bool = False, patterns: Patterns | None = None) -> list[Example]:
+    """Read examples from `.jsonl`/`.json` (one JSON object per line), `.parquet`, or through `datasets`
+    (`.csv`, `.arrow`, a save_to_disk directory; see read_rows).
 
     fields: our name -> the file's column, e.g. {"question": "problem", "answer": "ground_truth"};
-        unmapped names use our own; a dotted column ("reward_model.ground_truth") reads a nested value.
+        unmapped names use our own; a dotted column reads a nested value ("reward_model.ground_truth") or a
+        list item ("prompt.0.content").
     limit: keep the first `limit` rows. `id` falls back to the 0-based row number.
     repair_latex_escapes: undo the JSON-escaping bug of DAPO-Math-17k and AIME25, where "\\frac" was
         written as a form feed + "rac" (see LATEX_ESCAPE_REPAIRS); off by default, the data stay verbatim.
+    patterns: take the answer / question out of their columns' text (Patterns), e.g. GSM8K's "#### 72".
     """
-    columns = _column_map(fields)
+    columns, regexes = _column_map(fields), _regexes(patterns)
     examples = []
-    for where, row in _read_rows(path, limit):
+    for where, row in read_rows(path, limit):
         if limit is not None and len(examples) >= limit:
             break
-        ex = _to_example(row, columns, len(examples), f"{path}:{where}")
+        ex = _to_example(row, columns, len(examples), f"{path}:{where}", regexes)
         examples.append(_repair(ex) if repair_latex_escapes else ex)
     return examples
 
 
-def check_file(path: str, fields: dict | None = None, rows: int = 100, need_solution: bool = False) -> None:
-    """Read the first `rows` rows of a data file as `load_examples` does (encoding, JSON, fields, types) and
-    check that every column `fields` names appears in them; DataError / FileNotFoundError / ValueError naming
-    the file (and line) otherwise. Cheap: what a run checks before any work."""
-    columns = _column_map(fields)
-    count, seen = 0, set()
-    for where, row in itertools.islice(_read_rows(path, rows), rows):
-        ex = _to_example(row, columns, count, f"{path}:{where}")
+def check_file(path: str, fields: dict | None = None, rows: int = 100, need_solution: bool = False,
+               patterns: Patterns | None = None) -> None:
+    """Read the first `rows` rows of a data file as `load_examples` does (encoding, JSON, fields, types, message
+    lists, patterns) and check that every column `fields` names appears in them; DataError / FileNotFoundError /
+    ValueError naming the file (and line) otherwise. Cheap: what a run checks before any work. Returns how many
+    of those rows are conversational (their prompt a list of messages)."""
+    columns, regexes = _column_map(fields), _regexes(patterns)
+    count, seen, chats = 0, set(), 0
+    for where, row in itertools.islice(read_rows(path, rows), rows):
+        ex = _to_example(row, columns, count, f"{path}:{where}", regexes)
+        chats += ex.conversational
         if need_solution and not ex.solution:
             raise DataError(f"{path}:{where}: no solution (field 'solution', column {columns['solution']!r}); "
                             "SFT needs one in every row")
@@ -78,13 +113,15 @@ def check_file(path: str, fields: dict | None = None, rows: int = 100, need_solu
     if not count:
         raise DataError(f"{path}: no rows; the file is empty")
     for name, column in (fields or {}).items():
-        if name not in seen:
+        if name not in seen and column is not None:
             raise DataError(f"{path}: fields maps {name!r} to column {column!r}, which none of the first "
                             f"{count} rows holds")
+    return chats
 
 
-def _read_rows(path: str, limit: int | None):
-    """(where, dict) per row of a JSONL or parquet file; `where` is the line ("row i" for parquet)."""
+def read_rows(path: str, limit: int | None = None):
+    """(where, dict) per row: `where` is the line of a JSONL file, "row i" otherwise. JSONL and parquet are read
+    directly; .csv, .arrow and a directory written by save_to_disk go through `datasets` (hf_rows)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such data file; check the path in the config (data dir: "
                                 f"{os.path.abspath(os.path.dirname(path) or '.')})")
@@ -93,13 +130,22 @@ def _read_rows(path: str, limit: int | None):
         return _jsonl_rows(path)
     if ext == ".parquet":
         return _parquet_rows(path, limit)
-    raise ValueError(f"{path}: unknown data format {ext!r}; use .jsonl, .json (JSON lines) or .parquet")
+    if os.path.isdir(path) or ext in HF_FORMATS:
+        return hf_rows(path, limit)
+    raise ValueError(f"{path}: unknown data format {ext!r}; use .jsonl, .json (JSON lines), .parquet, "
+                     f"{', '.join(HF_FORMATS)} or a `datasets` directory (save_to_disk)")
 
 
 def _column_map(fields: dict | None) -> dict:
+    """our name -> column; an optional field mapped to None (YAML null) is not read (e.g. prompt: null keeps a
+    conversational `prompt` column from being used as the prompt)."""
     unknown = set(fields or {}) - set(FIELDS)
     if unknown:
         raise ValueError(f"fields: unknown name(s) {sorted(unknown)}; the names to map are {list(FIELDS)}")
+    for name, column in (fields or {}).items():
+        if not (isinstance(column, str) and column) and (column is not None or name in _REQUIRED):
+            raise ValueError(f"fields.{name}: {column!r}; give a column name" +
+                             ("" if name in _REQUIRED else " (or null to read no column)"))
     return {name: (fields or {}).get(name, name) for name in FIELDS}
 
 
@@ -141,15 +187,21 @@ def _parquet_rows(path: str, limit: int | None):
 _ABSENT = object()  # a column the row does not have (None is a column holding null)
 
 
-def _lookup(row: dict, column: str):
-    """row[column], or a nested value for a dotted column name; _ABSENT when there is none."""
+def _lookup(row: dict, column: str | None):
+    """row[column], or for a dotted column name a nested value or list item ("prompt.0.content"); _ABSENT when
+    there is none (or the field is mapped to no column: None)."""
+    if column is None:
+        return _ABSENT
     if column in row:
         return row[column]
     value = row
     for part in column.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
             return _ABSENT
-        value = value[part]
     return value
 
 
@@ -169,8 +221,38 @@ def _as_text(value, name: str, column: str, where: str) -> str | None:
                     f"got {type(value).__name__}; map another column with fields={{{name!r}: ...}}")
 
 
-def _to_example(row: dict, columns: dict, index: int, where: str) -> Example:
+def _messages(value: list, column: str, where: str) -> list[dict]:
+    """A conversational prompt (TRL's form): a non-empty list of {"role": str, "content": str}."""
+    if not value:
+        raise DataError(f"{where}: field 'prompt' (column {column!r}) is an empty list; a conversational prompt is "
+                        "a list of {role, content} messages")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: field 'prompt' (column {column!r}) message {i} is {str(m)[:80]}; each message "
+                            "must be {'role': <text>, 'content': <text>}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _extract(regex: re.Pattern, text: str, name: str, column: str, where: str) -> str:
+    match = regex.search(text)
+    if match is None or match.group(1) is None or not match.group(1).strip():
+        raise DataError(f"{where}: data.{name}_pattern {regex.pattern!r} does not match field {name!r} (column "
+                        f"{column!r}): {text[-120:]!r}")
+    return match.group(1).strip()
+
+
+def _regexes(patterns: Patterns | None) -> dict:
+    patterns = patterns or Patterns()
+    return {name: compile_pattern(p, f"data.{name}_pattern")
+            for name, p in (("answer", patterns.answer), ("question", patterns.question)) if p is not None}
+
+
+def _to_example(row: dict, columns: dict, index: int, where: str, regexes: dict | None = None) -> Example:
     found = {name: _lookup(row, col) for name, col in columns.items()}
+    messages = _messages(found.pop("prompt"), columns["prompt"], where) if isinstance(found["prompt"], list) else None
+    if messages is not None and found["question"] in (None, _ABSENT):  # the question is the last user message
+        found["question"] = next((m["content"] for m in reversed(messages) if m["role"] == "user"),
+                                 messages[-1]["content"])
     values = {name: _as_text(v, name, columns[name], where) for name, v in found.items()}
     for name in _REQUIRED:
         if found[name] is None:
@@ -180,11 +262,13 @@ def _to_example(row: dict, columns: dict, index: int, where: str) -> Example:
                             f"columns {sorted(row)}; map the right one with fields={{{name!r}: ...}}")
         if not values[name].strip():
             raise DataError(f"{where}: empty field {name!r} (column {columns[name]!r})")
+        if name in (regexes or {}):
+            values[name] = _extract(regexes[name], values[name], name, columns[name], where)
     used = {col for col in columns.values()}
     meta = {k: v for k, v in row.items() if k not in used}
     return Example(id=values["id"] if values["id"] is not None else str(index), question=values["question"],
-                   answer=values["answer"].strip(), solution=values["solution"], prompt=values["prompt"],
-                   meta=meta)
+                   answer=values["answer"].strip(), solution=values["solution"],
+                   prompt=messages if messages is not None else values["prompt"], meta=meta)
 
 
 def repair_latex(text: str) -> str:
@@ -196,7 +280,10 @@ def repair_latex(text: str) -> str:
 
 def _repair(ex: Example) -> Example:
     texts = {"question": ex.question, "solution": ex.solution, "prompt": ex.prompt}
-    return replace(ex, **{k: repair_latex(v) for k, v in texts.items() if v is not None})
+    fixed = {k: repair_latex(v) for k, v in texts.items() if isinstance(v, str)}
+    if ex.conversational:
+        fixed["prompt"] = [{**m, "content": repair_latex(m["content"])} for m in ex.prompt]
+    return replace(ex, **fixed)
 
 
 def write_jsonl(examples, path: str) -> None:

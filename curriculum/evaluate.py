@@ -36,16 +36,16 @@ from .report import EvalError, resume
 from .synthetic import synthetic_sets
 
 VARIANTS = ("causal", "structured")
-PROMPT_KEYS = ("template", "prompt_style")  # data.* keys a model is trained with and evaluated with
+PROMPT_KEYS = ("template", "prompt_style", "instruction")  # data.* keys a model is trained with and evaluated with
 
 
 # --- the core -------------------------------------------------------------------------------------------
 
 def evaluate(model, tokenizer, tags, benchmarks: dict, *, samples: int | dict = 1, temperature: float | dict = 1.0,
              top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 3000, structured: bool | None = None,
-             prompt_style: str = "parallel", template: str = "raw", max_prompt_tokens: int | None = 2000,
-             batch_prompts: int = 32, kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.7,
-             seed: int = 0, num_paths: int = 2,
+             prompt_style: str = "parallel", instruction: str | None = None, template: str = "raw",
+             max_prompt_tokens: int | None = 2000, batch_prompts: int = 32, kv_cache_gb: float | None = None,
+             kv_cache_fraction: float = 0.7, seed: int = 0, num_paths: int = 2,
              max_parallel_blocks: int = 4, max_path_tokens: int | None = None, prefill_rows: int = 64,
              out_dir: str | None = None, timeout: float = 10.0, workers: int = 2, label: str = "model",
              restart_if_changed: bool = False, progress: bool = True) -> dict:
@@ -64,7 +64,7 @@ def evaluate(model, tokenizer, tags, benchmarks: dict, *, samples: int | dict = 
 
 
 def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, temperature=1.0, top_p=1.0, top_k=0,
-                     max_new_tokens=3000, structured=None, prompt_style="parallel", template="raw",
+                     max_new_tokens=3000, structured=None, prompt_style="parallel", instruction=None, template="raw",
                      max_prompt_tokens=2000, batch_prompts=32, kv_cache_gb=None, kv_cache_fraction=0.7, seed=0,
                      num_paths=2,
                      max_parallel_blocks=4, max_path_tokens=None, prefill_rows=64, out_dir=None, timeout=10.0,
@@ -76,8 +76,9 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
     ks, temps = _per_benchmark(samples, benchmarks, "samples"), _per_benchmark(temperature, benchmarks, "temperature")
     with _sampling_mode(model, tags, structured) as structured:
         settings = dict(max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, structured=structured,
-                        prompt_style=prompt_style, template=template, max_prompt_tokens=max_prompt_tokens,
-                        num_paths=num_paths, max_parallel_blocks=max_parallel_blocks, max_path_tokens=max_path_tokens,
+                        prompt_style=prompt_style, instruction=instruction, template=template,
+                        max_prompt_tokens=max_prompt_tokens, num_paths=num_paths,
+                        max_parallel_blocks=max_parallel_blocks, max_path_tokens=max_path_tokens,
                         seed=seed, weights=weights_fingerprint(model) if out_dir else None)
         records = resume(out_dir, settings, benchmarks, ks, temps, restart_if_changed)
         finished = {(r["benchmark"], r["problem_index"]) for r in records}
@@ -105,8 +106,8 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
 
 def _sample_batch(sampler, score, tokenizer, name, examples, todo, k, temperature, seed, s) -> list[dict]:
     """Sample k responses for each problem index in `todo` in one sampler call, score them, make records."""
-    prompts = [encode_prompt(tokenizer, format_prompt(examples[i].question, s["prompt_style"]), s["template"],
-                             s["max_prompt_tokens"])[0] for i in todo]
+    prompts = [encode_prompt(tokenizer, format_prompt(examples[i].question, s["prompt_style"], s["instruction"]),
+                             s["template"], s["max_prompt_tokens"])[0] for i in todo]
     rollout = sampler.generate(prompts, n=k, max_new_tokens=s["max_new_tokens"], temperature=temperature,
                                top_p=s["top_p"], top_k=s["top_k"], stop_ids=stop_ids(tokenizer),
                                structured=s["structured"], seed=seed)
@@ -225,7 +226,8 @@ def config_kwargs(cfg, benchmarks: dict) -> dict:
     samples = {n: cfg.eval.samples or specs[n].samples or 1 for n in benchmarks}
     temps = {n: ro.temperature if specs[n].temperature is None else specs[n].temperature for n in benchmarks}
     return dict(samples=samples, temperature=temps, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                prompt_style=dc.prompt_style, template=dc.template, max_prompt_tokens=dc.max_prompt_tokens,
+                prompt_style=dc.prompt_style, instruction=dc.instruction, template=dc.template,
+                max_prompt_tokens=dc.max_prompt_tokens,
                 batch_prompts=cfg.eval.batch_prompts, kv_cache_gb=ro.kv_cache_gb, kv_cache_fraction=ro.kv_cache_fraction,
                 seed=cfg.seed,
                 num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks, max_path_tokens=ro.max_path_tokens,
@@ -242,6 +244,7 @@ class ModelRef:
     step: int | None = None
     template: str | None = None  # data.template / data.prompt_style saved with the model (None: not saved);
     prompt_style: str | None = None  # used unless the eval config or --set names its own (evaluate_ref)
+    instruction: str | None = None  # data.instruction, when the model was trained with one
 
 
 def _is_hf(path: str) -> bool:
@@ -257,18 +260,19 @@ def _saved_settings(hf_dir: str, *config_files: str) -> dict:
                 saved = yaml.safe_load(f) or {}
             data = saved.get("data") or {}
             found = {"variant": saved.get("variant"), "template": data.get("template"),
-                     "prompt_style": data.get("prompt_style")}
+                     "prompt_style": data.get("prompt_style"), "instruction": data.get("instruction")}
             break
     else:
         found = export_info(hf_dir)
     return {"variant": found.get("variant") if found.get("variant") in VARIANTS else None,
-            "template": found.get("template"), "prompt_style": found.get("prompt_style")}
+            "template": found.get("template"), "prompt_style": found.get("prompt_style"),
+            "instruction": found.get("instruction")}
 
 
 def _ref(path: str, variant: str | None, name: str, label: str, *config_files: str, step: int | None = None):
     saved = _saved_settings(path, *config_files)
     return ModelRef(path, variant or saved["variant"] or "causal", name, label, step, saved["template"],
-                    saved["prompt_style"])
+                    saved["prompt_style"], saved["instruction"])
 
 
 def resolve_model(path: str, variant: str | None = None) -> ModelRef:

@@ -5,10 +5,14 @@ checkpoint to resume) with the first rows of each data file, and what a re-run m
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 
+from rewards import RewardFunc, RewardFuncError, check_reward_func
+
 from .config import Config, ConfigError, benchmark_path, benchmark_specs, pipeline_stages, read_yaml
-from .data import FIELDS, DataError, check_file
+from .data import FIELDS, DataError, Patterns, check_file, compile_pattern
 from .synthetic import DIFFICULTIES
 
 PEEK_ROWS = 100  # data rows read at config time; the whole file is read when its stage starts
@@ -66,11 +70,46 @@ def check_rules(cfg: Config, world: int) -> None:
     unknown = sorted(set(cfg.data.fields) - set(FIELDS))
     if unknown:
         raise ConfigError(f"data.fields: unknown name(s) {unknown}; the names to map are {list(FIELDS)}")
+    check_prompt_keys(cfg)
+    if cfg.kind == "grpo":
+        check_reward_keys(r)
     if cfg.data.synthetic is not None:
         check_synthetic(cfg.data.synthetic, "data.synthetic")
     for name, spec in benchmark_specs(cfg).items():
         if spec.synthetic is not None:
             check_synthetic(spec.synthetic, f"eval.benchmarks.{name}.synthetic")
+
+
+def check_prompt_keys(cfg: Config) -> None:
+    """data.instruction holds {question} once; data.answer_pattern / question_pattern compile with a group."""
+    d = cfg.data
+    if d.instruction is not None and d.instruction.count("{question}") != 1:
+        raise ConfigError(f"data.instruction must hold '{{question}}' exactly once (where the question goes): "
+                          f"{d.instruction[:80]!r}")
+    for key in ("answer_pattern", "question_pattern"):
+        if getattr(d, key) is not None:
+            try:
+                compile_pattern(getattr(d, key), f"data.{key}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+def check_reward_keys(r) -> None:
+    """reward.funcs are "module:function" strings with distinct names, one weight each; some reward is on."""
+    if r.mode == "none" and not r.funcs:
+        raise ConfigError("reward.mode is none and reward.funcs is empty: nothing would score the responses; "
+                          "name your functions in reward.funcs or choose a built-in mode")
+    if not all(isinstance(spec, str) for spec in r.funcs):
+        raise ConfigError(f"reward.funcs: {r.funcs!r}; give a list of 'module:function' strings")
+    if r.weights is not None and (len(r.weights) != len(r.funcs) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in r.weights)):
+        raise ConfigError(f"reward.weights: {r.weights!r}; give one number per reward.funcs entry "
+                          f"({len(r.funcs)}), or leave it out for 1 each")
+    names = ([r.mode] if r.mode != "none" else []) + [RewardFunc(spec).name for spec in r.funcs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"reward.funcs: the name(s) {twice} appear twice (the built-in reward is named after "
+                          "reward.mode); each reward needs its own name for rewards/<name>/mean")
 
 
 def check_synthetic(spec: dict, key: str) -> None:
@@ -105,10 +144,20 @@ def check_files(cfg: Config, earlier: dict | None = None) -> None:
     if cfg.data.synthetic is None:
         if cfg.data.train is None:
             raise ConfigError("data.train: no training file given (or set data.synthetic for the demo task)")
+        d = cfg.data
         for key in ("train", "val"):
-            path = getattr(cfg.data, key)
+            path = getattr(d, key)
             if path is not None:
-                check_data(path, cfg.data.fields, f"data.{key}", cfg.data.limit, need_solution=cfg.kind == "sft")
+                chats = check_data(path, d.fields, f"data.{key}", d.limit, need_solution=cfg.kind == "sft",
+                                   patterns=Patterns(d.answer_pattern, d.question_pattern))
+                if chats:
+                    check_conversational(cfg, f"data.{key}", earlier or {})
+    if cfg.kind == "grpo":
+        for i, spec in enumerate(cfg.reward.funcs):
+            try:
+                check_reward_func(spec)
+            except RewardFuncError as e:
+                raise ConfigError(f"reward.funcs[{i}]: {e}") from None
     for name, spec in benchmark_specs(cfg).items():
         if spec.synthetic is None:
             check_data(benchmark_path(cfg.eval.data_dir, name, spec), spec.fields, f"eval.benchmarks.{name}",
@@ -127,12 +176,42 @@ def check_model_dir(path: str, key: str, hint: str) -> None:
         raise ConfigError(f"{key}: {path!r} holds no config.json; point it at a Hugging Face model directory")
 
 
-def check_data(path: str, fields, key: str, limit: int | None, need_solution: bool = False, hint: str = "") -> None:
-    """The first rows of a data file load (only those a run reads, when it reads `limit`)."""
+def check_data(path: str, fields, key: str, limit: int | None, need_solution: bool = False, hint: str = "",
+               patterns: Patterns | None = None) -> int:
+    """The first rows of a data file load (only those a run reads, when it reads `limit`); returns how many of
+    them are conversational (their prompt a list of messages)."""
     try:
-        check_file(path, fields, min(PEEK_ROWS, limit or PEEK_ROWS), need_solution)
-    except (DataError, FileNotFoundError, ValueError) as e:
+        return check_file(path, fields, min(PEEK_ROWS, limit or PEEK_ROWS), need_solution, patterns)
+    except (DataError, FileNotFoundError, ImportError, ValueError) as e:
         raise ConfigError(f"{key}: {e}{hint}") from None
+
+
+def check_conversational(cfg: Config, key: str, earlier: dict) -> None:
+    """Conversational rows are rendered with the chat template as written: data.template chat, a tokenizer that
+    has a chat template, and no data.instruction (it would not apply to them)."""
+    why = f"{key} holds conversational rows (its prompt column is a list of {{role, content}} messages)"
+    if cfg.data.template != "chat":
+        raise ConfigError(f"{why}; they are rendered with the tokenizer's chat template: set data.template: chat")
+    if cfg.data.instruction is not None:
+        raise ConfigError(f"{why}, which are the prompt as written: data.instruction would not apply to them. "
+                          "Remove it, or build prompts from the question instead (map fields.question and set "
+                          "fields.prompt: null)")
+    source = cfg.model.tokenizer or resolve_init(cfg, earlier) or cfg.model.path
+    if source not in (None, "words") and os.path.isdir(source) and not has_chat_template(source):
+        raise ConfigError(f"{why}, rendered with the chat template, but the tokenizer in {source} has none; use a "
+                          "tokenizer with one (model.tokenizer), or build prompts from the question with "
+                          "data.template: raw")
+
+
+def has_chat_template(directory: str) -> bool:
+    """Whether the tokenizer saved in `directory` carries a chat template (a file of its own, or in its config)."""
+    if any(os.path.isfile(os.path.join(directory, f)) for f in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        with open(os.path.join(directory, "tokenizer_config.json")) as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_init(stage: Config, earlier: dict) -> str | None:

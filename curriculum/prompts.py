@@ -43,25 +43,37 @@ def format_prompt(question: str, style: str = "parallel", instruction: str | Non
     return template.replace("{question}", question)
 
 
-def _prompt_ids(tokenizer, text: str, template: str) -> list[int]:
+def example_prompt(example, style: str = "parallel", instruction: str | None = None) -> str | list:
+    """The prompt of a data example (curriculum.data.Example): the messages of a conversational row as written
+    (TRL's form; style and instruction do not apply), else its question in the style's or `instruction`'s text."""
+    if isinstance(example.prompt, list):
+        return example.prompt
+    return format_prompt(example.question, style, instruction)
+
+
+def _prompt_ids(tokenizer, text: str | list, template: str) -> list[int]:
+    """`text` (or a list of {role, content} messages, which needs the chat template) as token ids."""
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("template='chat' but the tokenizer has no chat template; use template='raw' "
                              "for base models without one")
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+        messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(rendered, add_special_tokens=False)
+    if isinstance(text, list):
+        raise ValueError("a conversational prompt (a list of messages) needs template='chat'")
     if template == "raw":
         return tokenizer.encode(text + "\n", add_special_tokens=False)
     raise ValueError(f"unknown prompt template {template!r}; valid templates: {list(TEMPLATES)}")
 
 
-def encode_prompt(tokenizer, text: str, template: str = "chat",
+def encode_prompt(tokenizer, text: str | list, template: str = "chat",
                   max_tokens: int | None = None) -> tuple[list[int], bool]:
     """Token ids of one prompt and whether it was truncated.
 
-    template: "chat" renders one user message with the generation prompt (the assistant turn is
-        opened); "raw" encodes the text plus a newline, for base models. No BOS/EOS is added.
+    template: "chat" renders one user message (or `text`'s messages, when it is a list) with the generation
+        prompt (the assistant turn is opened); "raw" encodes the text plus a newline, for base models. No
+        BOS/EOS is added.
     max_tokens: an over-long prompt is cut FROM THE LEFT, keeping its end (the question and the
         generation prompt); the second return value is then True.
     """
@@ -71,14 +83,14 @@ def encode_prompt(tokenizer, text: str, template: str = "chat",
     return ids, False
 
 
-def encode_prompts(tokenizer, texts: list[str], template: str = "chat",
+def encode_prompts(tokenizer, texts: list, template: str = "chat",
                    max_tokens: int | None = None) -> tuple[list[list[int]], int]:
     """`encode_prompt` over a list: (ids per prompt, number of prompts that were truncated)."""
     pairs = [encode_prompt(tokenizer, t, template, max_tokens) for t in texts]
     return [ids for ids, _ in pairs], sum(cut for _, cut in pairs)
 
 
-def encode_sft_example(tokenizer, prompt_text: str, solution: str, template: str = "chat",
+def encode_sft_example(tokenizer, prompt_text: str | list, solution: str, template: str = "chat",
                        max_prompt_tokens: int | None = None,
                        max_total_tokens: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask) of prompt + solution + EOS, loss_mask 1 exactly on the solution and EOS.

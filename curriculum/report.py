@@ -20,8 +20,8 @@ LABELS = {"aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23", "math500": "
           "math500_test": "MATH-500", "gsm8k": "GSM8K", "gsm8k_test": "GSM8K"}
 PLOTS = ("accuracy.png", "first_block_position.png", "accuracy_by_block.png")
 # what decides a response besides the model and the problem; a resumed run must match (settings.json)
-SETTINGS = ("max_new_tokens", "top_p", "top_k", "structured", "prompt_style", "template", "max_prompt_tokens",
-            "num_paths", "max_parallel_blocks", "max_path_tokens", "seed", "weights")
+SETTINGS = ("max_new_tokens", "top_p", "top_k", "structured", "prompt_style", "instruction", "template",
+            "max_prompt_tokens", "num_paths", "max_parallel_blocks", "max_path_tokens", "seed", "weights")
 
 
 class EvalError(ValueError):

@@ -27,7 +27,7 @@ from rewards import parallel_stats
 from rollout import SamplingAborted, sampler_layout
 
 from .data import PromptStream
-from .prompts import encode_prompt, encode_sft_example, format_prompt
+from .prompts import encode_prompt, encode_sft_example, example_prompt
 
 PLOTS = {"loss": ["loss", "eval_loss"], "format": ["format_validity", "parallel_ratio"]}
 
@@ -39,7 +39,7 @@ def encode_examples(tokenizer, examples, cfg) -> list[tuple[list, list, list]]:
     for ex in examples:
         if not ex.solution:
             raise ValueError(f"example {ex.id}: SFT needs a solution (the `solution` field) for every row")
-        text = format_prompt(ex.question, cfg.data.prompt_style)
+        text = example_prompt(ex, cfg.data.prompt_style, cfg.data.instruction)
         solution = sampler_layout(ex.solution) if cfg.variant == "structured" else ex.solution
         ids, mask = encode_sft_example(tokenizer, text, solution, cfg.data.template, cfg.data.max_prompt_tokens,
                                        cfg.sft.max_total_tokens)
@@ -77,8 +77,8 @@ def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int, co
     asked for meanwhile (`should_stop`) abandons the sampling: no figures, and the step is saved as it is."""
     if not examples:
         return {}
-    prompts = [encode_prompt(tokenizer, format_prompt(ex.question, cfg.data.prompt_style), cfg.data.template,
-                             cfg.data.max_prompt_tokens)[0] for ex in examples]
+    prompts = [encode_prompt(tokenizer, example_prompt(ex, cfg.data.prompt_style, cfg.data.instruction),
+                             cfg.data.template, cfg.data.max_prompt_tokens)[0] for ex in examples]
     ro = cfg.rollout
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     model.eval()

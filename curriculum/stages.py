@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,20 +27,25 @@ from model import apply_structured_attention, build_model, check_tokenizer_fits,
 from model.load import resolve_dtype
 from model.tags import add_tag_tokens
 from model.tokenizer import BASIC_WORDS, build_word_tokenizer
+from rewards import ARGUMENTS
 
 from .config import Config, ConfigError, pipeline_stages, save_config, to_dict
-from .data import PromptStream, load_examples, split_examples
+from .data import Patterns, PromptStream, load_examples, split_examples
 from .evaluate import load_benchmarks, stage_figures
 from .preflight import config_diff, flatten, resolve_init
-from .prompts import encode_prompts, format_prompt
+from .prompts import encode_prompts, example_prompt
 from . import synthetic
 
 
 @dataclass(frozen=True)
 class PromptItem:
+    """One GRPO prompt. `prompt`: its text before the template (or a conversational row's messages) and `columns`:
+    the example's other fields and columns, both for reward.funcs (rewards.RewardInputs)."""
     id: str
     prompt_ids: list
     answer: str
+    prompt: str | list = ""
+    columns: dict = field(default_factory=dict)
 
 
 class PromptFeed:
@@ -51,10 +56,17 @@ class PromptFeed:
         self.examples = examples
         self.stream = PromptStream(list(range(len(examples))), seed=cfg.seed)
         self.ids, self.cut = encode_stage_prompts(tokenizer, examples, cfg)
+        self.style, self.instruction = cfg.data.prompt_style, cfg.data.instruction
 
     def next_batch(self, n: int) -> list[PromptItem]:
-        return [PromptItem(self.examples[i].id, self.ids[i], self.examples[i].answer)
-                for i in self.stream.next_batch(n)]
+        return [self._item(i) for i in self.stream.next_batch(n)]
+
+    def _item(self, i: int) -> PromptItem:
+        ex = self.examples[i]
+        # columns named like a reward function's own arguments (rewards.ARGUMENTS) would be shadowed: left out
+        columns = {k: v for k, v in {"id": ex.id, "question": ex.question, "solution": ex.solution, **ex.meta}.items()
+                   if k not in ARGUMENTS}
+        return PromptItem(ex.id, self.ids[i], ex.answer, example_prompt(ex, self.style, self.instruction), columns)
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -66,8 +78,8 @@ class PromptFeed:
 def encode_stage_prompts(tokenizer, examples, cfg: Config) -> tuple[list, int]:
     """(prompt ids per example, how many were longer than data.max_prompt_tokens and cut from the left)."""
     d = cfg.data
-    return encode_prompts(tokenizer, [format_prompt(ex.question, d.prompt_style) for ex in examples], d.template,
-                          d.max_prompt_tokens)
+    return encode_prompts(tokenizer, [example_prompt(ex, d.prompt_style, d.instruction) for ex in examples],
+                          d.template, d.max_prompt_tokens)
 
 
 def seed_everything(seed: int) -> None:
@@ -121,13 +133,14 @@ def heldout_sets(cfg: Config) -> dict:
 
 def load_train_data(cfg: Config, heldout: dict):
     d = cfg.data
+    patterns = Patterns(d.answer_pattern, d.question_pattern)
     if d.synthetic:
         exclude = [ex for exs in heldout.values() for ex in exs]
         examples = synthetic.synthetic_sets(d.synthetic, exclude)
     else:
-        examples = load_examples(d.train, d.fields, d.limit, d.repair_latex_escapes)
+        examples = load_examples(d.train, d.fields, d.limit, d.repair_latex_escapes, patterns)
     if d.val:
-        return examples, load_examples(d.val, d.fields, d.limit, d.repair_latex_escapes)
+        return examples, load_examples(d.val, d.fields, d.limit, d.repair_latex_escapes, patterns)
     if d.val_size:
         return split_examples(examples, d.val_size, cfg.seed)
     return examples, []

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from model.patch import structured_tags
 from model.tokenizer import decode_responses, stop_token_ids
-from rewards import RewardFn, RewardPool, parallel_stats
+from rewards import RewardInputs, RewardPool, RewardSet, parallel_stats, score_step
 from rollout import SamplingAborted
 
 from . import checkpoint as ckpt
@@ -43,8 +43,10 @@ def updates_per_step(g) -> int:
 def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_model=None,
                compute_dtype=torch.float32, reward_fn=None) -> TrainState:
     """Run cfg.grpo.steps GRPO steps. `feed.next_batch(P)` yields items with `.prompt_ids` and `.answer`;
-    the feed and this loop's state are checkpointed every cfg.checkpoint.every steps. `reward_fn`
-    (picklable, `(response, gold, step) -> (float, dict)`) defaults to the RewardFn of cfg.reward."""
+    the feed and this loop's state are checkpointed every cfg.checkpoint.every steps; an item's `.prompt` (text or
+    messages) and `.columns` (its data's other columns), when it has them, go to cfg.reward.funcs. `reward_fn`
+    (picklable, `(response, gold, step) -> (float, dict)`) replaces the built-in reward of cfg.reward
+    (rewards.RewardSet.from_section)."""
     g, ro = cfg.grpo, cfg.rollout
     if g.prompts_per_step % d.world or g.mini_batch_prompts % d.world or g.prompts_per_step % g.mini_batch_prompts:
         raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} must be a multiple of grpo.mini_batch_prompts="
@@ -58,14 +60,14 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
         "grpo.prompts_per_step": g.prompts_per_step, "grpo.mini_batch_prompts": g.mini_batch_prompts})
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     r = cfg.reward
-    reward_fn = reward_fn or RewardFn.from_section(r)
+    reward_set = RewardSet.from_section(r, builtin=reward_fn)
     stop = StopFlag()
     bar = tqdm(range(state.step, g.steps), initial=state.step, total=g.steps, desc=cfg.name, disable=not d.main)
     with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop:
         for step in bar:
             items = feed.next_batch(g.prompts_per_step)[d.rank::d.world]  # this rank's share of whole groups
             try:
-                metrics = grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sched, tokenizer,
+                metrics = grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sched, tokenizer,
                                     cfg, d, state, stop)
             except StepAbandoned:  # weights, optimizer and state.feed are still those of the last finished step
                 save_abandoned(run_dir, cfg, model, opt, sched, state, d, tokenizer)
@@ -78,17 +80,19 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
             state.feed = feed.state_dict()
             if d.main:
                 append_metrics(run_dir, metrics)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+                acc = metrics["accuracy"]  # None without the built-in reward (reward.mode: none)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", **({} if acc is None else {"acc": f"{acc:.3f}"}))
             save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last=state.step == g.steps)
     if d.main:
         plot_metrics(run_dir, PLOTS)
     return state
 
 
-def grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sched, tokenizer, cfg, d, state,
+def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sched, tokenizer, cfg, d, state,
               stop: StopFlag | None = None) -> dict:
-    """One GRPO step on this rank's prompts `items` (whole groups); returns the step's metrics over all ranks.
-    StepAbandoned (on every rank) when `stop` was raised while sampling."""
+    """One GRPO step on this rank's prompts `items` (whole groups), scored with `reward_set` (rewards.RewardSet);
+    returns the step's metrics over all ranks. StepAbandoned (on every rank) when `stop` was raised while
+    sampling."""
     g, ro, G = cfg.grpo, cfg.rollout, cfg.rollout.group_size
     t0 = time.perf_counter()
     # 1. sample G responses per prompt; a stop asked for meanwhile abandons the rollout (minutes at scale)
@@ -108,7 +112,11 @@ def grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sche
     t1 = time.perf_counter()
     # 2. score
     texts = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
-    scores = pool.score(reward_fn, texts, [it.answer for it in items for _ in range(G)], step)
+    inputs = reward_inputs(items, texts, rollout, G, g.steps, extras=bool(reward_set.funcs))
+    scores = score_step(pool, reward_set, inputs, step)
+    for name, reason in scores.failures:  # each reward's failures are named once; all are counted (reward/errors)
+        log.warning(f"{'' if d.world == 1 else f'rank {d.rank}: '}reward {name} failed: {reason} (its score is "
+                    "left out where a reward function fails; counted in reward/errors and reward/timeouts)")
     rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
     t2 = time.perf_counter()
     # 3. advantages over whole groups (a group never spans ranks); "batch" scaling needs every rank's rewards
@@ -141,6 +149,21 @@ def grpo_step(step, items, model, ref_model, sampler, pool, reward_fn, opt, sche
     # 6. metrics of the step, over all ranks
     return _step_metrics(step, rollout, batch, texts, scores, rewards, update_metrics, G, d,
                          {"sample": t1 - t0, "reward": t2 - t1, "old_ref": t3 - t2, "update": t4 - t3})
+
+
+def reward_inputs(items, texts: list[str], rollout, G: int, steps: int, extras: bool) -> RewardInputs:
+    """What the rewards see of a step: responses and gold answers (N = P*G rows, group-contiguous); with `extras`
+    (reward.funcs are set) also each row's prompt, response token ids and its data's other columns."""
+    def per_row(values):
+        return [v for v in values for _ in range(G)]
+    answers = per_row(it.answer for it in items)
+    if not extras:
+        return RewardInputs(texts, answers, G, max_steps=steps)
+    names = dict.fromkeys(k for it in items for k in getattr(it, "columns", {}))  # a row lacking a column gets None
+    columns = {k: per_row(getattr(it, "columns", {}).get(k) for it in items) for k in names}
+    ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
+    return RewardInputs(texts, answers, G, prompts=per_row(getattr(it, "prompt", None) for it in items),
+                        completion_ids=ids, columns=columns, max_steps=steps)
 
 
 def batch_logprobs(model, batch: TrainBatch, cfg, d: Dist) -> torch.Tensor:
@@ -228,6 +251,21 @@ def _reduce_metrics(totals: dict, d: Dist) -> dict:
     return {k: float(mx if k.endswith("/max") else sm) for k, sm, mx in zip(keys, sums.tolist(), maxes.tolist())}
 
 
+def reward_func_metrics(per_func: dict, d: Dist) -> dict:
+    """rewards/<name>/mean and /std (TRL's names; std with n-1, as TRL's nanstd) of each reward's scores over all
+    ranks, a None score (no opinion, or failed) left out; None when no score of that reward is left."""
+    local = [[sum(v for v in vals if v is not None), sum(v * v for v in vals if v is not None),
+              sum(v is not None for v in vals)] for vals in per_func.values()]  # (K, 3)
+    totals = all_reduce(torch.tensor(local, dtype=torch.float64, device=d.device).view(-1, 3)).tolist()
+    out = {}
+    for name, (total, squares, count) in zip(per_func, totals):
+        mean = total / count if count else None
+        var = (squares - count * mean * mean) / (count - 1) if count > 1 else 0.0
+        out[f"rewards/{name}/mean"] = mean
+        out[f"rewards/{name}/std"] = math.sqrt(max(var, 0.0)) if count else None
+    return out
+
+
 def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, times) -> dict:
     """Step metrics summed over ranks (TRL's names where one exists). `updates`: each update's metrics, None
     for an update without loss tokens; a step in which no update ran logs no_update 1 and leaves out what only
@@ -239,21 +277,24 @@ def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, t
     local = torch.tensor([
         len(texts), float(rewards.sum()), float((rewards ** 2).sum()),
         sum(float(c.get("accuracy", 0.0)) for c in scores.components),
+        sum("accuracy" in c for c in scores.components),  # none without the built-in reward (reward.mode: none)
         sum(s.num_blocks > 0 for s in stats), sum(s.well_formed for s in stats),  # DESIGN: >= 1 valid block
         float(lengths.sum()), len(texts) - int(stopped.sum()), frac_zero_std(rewards, G) * len(texts) / G,
         sum(first), len(first), float(rollout.response_mask.sum()), scores.timeouts, scores.errors,
         float(batch.loss_mask.sum()), float(lengths[stopped].sum()), float(stopped.sum()),
     ], dtype=torch.float64, device=d.device)
-    n, rs, rs2, acc, par, wf, ln, cut, zs, fp, nf, tok, to, err, loss_tok, stop_ln, n_stop = all_reduce(local).tolist()
+    n, rs, rs2, acc, n_acc, par, wf, ln, cut, zs, fp, nf, tok, to, err, loss_tok, stop_ln, n_stop = \
+        all_reduce(local).tolist()
     max_len, neg_min_len = all_reduce(torch.stack([lengths.max(), -lengths.min()]).to(d.device), op="max").tolist()
     mean = rs / n
     out = {"step": step, "reward": mean, "reward_std": math.sqrt(max(rs2 / n - mean * mean, 0.0)),
-           "accuracy": acc / n, "parallel_ratio": par / n, "well_formed": wf / n,
+           "accuracy": acc / n_acc if n_acc else None, "parallel_ratio": par / n, "well_formed": wf / n,
            "completions/mean_length": ln / n, "completions/min_length": -neg_min_len,
            "completions/max_length": max_len, "completions/clipped_ratio": cut / n,
            "completions/mean_terminated_length": stop_ln / n_stop if n_stop else None,
            "frac_reward_zero_std": zs / (n / G), "first_block_position": fp / nf if nf else None,
-           "reward/timeouts": to, "reward/errors": err, "num_tokens": loss_tok}
+           "reward/timeouts": to, "reward/errors": err, "num_tokens": loss_tok,
+           **reward_func_metrics(scores.per_func, d)}
     ran = [u for u in updates if u is not None]
     out["no_update"] = float(not ran)
     for k in ran[0] if ran else ():

@@ -5,22 +5,44 @@ training step; it scores as wrong and its worker is killed (with the checker it 
 """
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from typing import NamedTuple
 
 from .worker import START_TIMEOUT, WorkerFailure, WorkerProcess
 
 
 @dataclass(frozen=True)
 class BatchScores:
-    """Scores in input order. `timeouts` counts responses whose scoring ran past a time limit (the pool's or
-    the equivalence check's), `errors` those whose scoring failed otherwise (a worker died, the reward or
-    the checker raised): both scored as wrong, so the trainer logs them (reward/timeouts, reward/errors)."""
+    """Scores in input order. `timeouts` counts scores that ran past a time limit (the pool's or the equivalence
+    check's), `errors` those that failed otherwise (a worker died, a reward function raised or returned something
+    unusable), over every reward function: the trainer logs them (reward/timeouts, reward/errors). `per_func`:
+    name -> (N,) scores of each reward function (None where it failed or had no opinion); `failures`: (name,
+    reason) of each failure the pool had not named before, for the log (rewards.step)."""
     rewards: list[float]
     components: list[dict]
     seconds: float
     timeouts: int
     errors: int = 0
+    per_func: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+
+
+class Job(NamedTuple):
+    """One call for a worker: `fn(*args)` within `limit` seconds. A worker first runs `intro` (fn, args) once per
+    `key` (untimed: importing a reward's module is not charged to any item's limit)."""
+    fn: object
+    args: tuple
+    limit: float
+    key: object
+    intro: tuple
+
+
+class Outcome(NamedTuple):
+    """What a Job gave: its value, or `error` (a reason; "" when it ran) and whether it ran past its limit."""
+    value: object
+    error: str = ""
+    timeout: bool = False
 
 
 def _failed_score(reward_fn, reason: str, timeout: bool) -> tuple[float, dict]:
@@ -28,6 +50,16 @@ def _failed_score(reward_fn, reason: str, timeout: bool) -> tuple[float, dict]:
     if hasattr(reward_fn, "score_failure"):
         return reward_fn.score_failure(reason, timeout=timeout)
     return -1.0, {"correct": False, "timeout": timeout, "error": reason}
+
+
+def _as_score(reward_fn, outcome: Outcome) -> tuple[float, dict]:
+    if outcome.error:
+        return _failed_score(reward_fn, outcome.error, outcome.timeout)
+    try:
+        reward, components = outcome.value
+        return float(reward), components
+    except (TypeError, ValueError) as error:  # a custom reward_fn returning the wrong shape
+        return _failed_score(reward_fn, f"bad reward result: {error}", timeout=False)
 
 
 def _check_batch(responses: list[str], golds: list[str]) -> None:
@@ -48,8 +80,9 @@ class RewardPool:
         if not timeout > 0:
             raise ValueError(f"RewardPool timeout={timeout!r} is invalid; use seconds > 0")
         self.timeout = timeout
+        self.named: set = set()  # (reward name, timeout?) failures already named: each is named once per pool
         self._workers = [self._new_worker() for _ in range(workers)]
-        self._knows: dict[int, type] = {}  # slot -> the reward type its worker has unpickled (imported)
+        self._knows: dict[int, set] = {}  # slot -> the Job keys its worker has been introduced to
 
     @staticmethod
     def _new_worker() -> WorkerProcess:
@@ -72,87 +105,90 @@ class RewardPool:
         """Scores of responses[i] against golds[i] at `step`, in input order."""
         _check_batch(responses, golds)
         start = time.perf_counter()
-        if not self._workers:
-            results = [self._score_here(reward_fn, r, g, step) for r, g in zip(responses, golds)]
-        else:
-            results = self._score_in_workers(reward_fn, responses, golds, step)
+        intro = (_unpickled, (reward_fn,))
+        outcomes = self.run([Job(reward_fn, (r, g, step), self.timeout, type(reward_fn), intro)
+                             for r, g in zip(responses, golds)])
+        results = [_as_score(reward_fn, o) for o in outcomes]
         parts = [c if isinstance(c, dict) else {} for _, c in results]
         timeouts = sum(bool(c.get("timeout")) for c in parts)
         errors = sum(bool(c.get("error")) and not c.get("timeout") for c in parts)
         return BatchScores(rewards=[float(r) for r, _ in results], components=[c for _, c in results],
                            seconds=time.perf_counter() - start, timeouts=timeouts, errors=errors)
 
-    @staticmethod
-    def _score_here(reward_fn, response: str, gold: str, step: int) -> tuple[float, dict]:
-        try:
-            return reward_fn(response, gold, step)
-        except Exception as error:  # a custom reward_fn that raises still scores as wrong
-            return _failed_score(reward_fn, f"{type(error).__name__}: {error}", timeout=False)
+    def run(self, jobs: list[Job]) -> list[Outcome]:
+        """The outcome of every job, in input order: in the workers (a job past its limit is killed with its
+        worker, which is replaced), or in this process when there are none (no limit; an exception is its error)."""
+        if self._workers:
+            return self._run_in_workers(jobs)
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(Outcome(job.fn(*job.args)))
+            except Exception as error:
+                outcomes.append(Outcome(None, f"{type(error).__name__}: {error}"[:2000]))
+        return outcomes
 
-    def _score_in_workers(self, reward_fn, responses, golds, step) -> list:
-        results: list = [None] * len(responses)
-        pending = deque(range(len(responses)))
-        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (response index, deadline)
+    def _run_in_workers(self, jobs: list[Job]) -> list[Outcome]:
+        results: list = [None] * len(jobs)
+        pending = deque(range(len(jobs)))
+        busy: dict[int, tuple] = {}  # worker slot -> (job index, or None for an introduction to `key`; key, deadline)
         while pending or busy:
             for slot, worker in enumerate(self._workers):
                 # only a ready worker takes an item: a replacement (and its checker, see _new_worker) starts
                 # outside every item's time limit, while the ready ones go on
                 if slot not in busy and pending and worker.poll_ready():
-                    if self._knows.get(slot) is not type(reward_fn):  # its module is imported untimed, too
-                        self._submit(slot, _unpickled, (reward_fn,))
-                        busy[slot] = (None, time.monotonic() + START_TIMEOUT)
+                    job = jobs[pending[0]]
+                    if job.key not in self._knows.setdefault(slot, set()):  # its module is imported untimed, too
+                        self._submit(slot, *job.intro, START_TIMEOUT)
+                        busy[slot] = (None, job.key, time.monotonic() + START_TIMEOUT)
                         continue
                     index = pending.popleft()
-                    self._submit(slot, reward_fn, (responses[index], golds[index], step))
-                    busy[slot] = (index, time.monotonic() + self.timeout)
+                    self._submit(slot, job.fn, job.args, job.limit)
+                    busy[slot] = (index, job.key, time.monotonic() + job.limit)
             starting = [w.reply_connection for s, w in enumerate(self._workers) if s not in busy and not w.ready]
-            next_deadline = min((deadline for _, deadline in busy.values()), default=time.monotonic() + START_TIMEOUT)
+            next_deadline = min((deadline for *_, deadline in busy.values()), default=time.monotonic() + START_TIMEOUT)
             ready = wait([self._workers[slot].reply_connection for slot in busy] + (starting if pending else []),
                          timeout=max(0.0, next_deadline - time.monotonic()))
             if not ready and not busy:
                 raise WorkerFailure(f"no reward worker process became ready in {START_TIMEOUT:g} s")
             for slot in [s for s in busy if self._workers[s].reply_connection in ready]:
-                index, _ = busy.pop(slot)
-                if index is None:  # the introduction: the worker knows this reward now (or cannot: items say why)
-                    self._introduced(slot, reward_fn)
+                index, key, _ = busy.pop(slot)
+                if index is None:  # the introduction: the worker knows this key now (or cannot: items say why)
+                    self._introduced(slot, key)
                 else:
-                    results[index] = self._receive(slot, reward_fn)
-            for slot in [s for s, (_, d) in busy.items() if d <= time.monotonic()]:
-                index, _ = busy.pop(slot)
+                    results[index] = self._receive(slot)
+            for slot in [s for s, (*_, d) in busy.items() if d <= time.monotonic()]:
+                index, key, _ = busy.pop(slot)
                 self._replace(slot)
                 if index is None:
-                    self._knows[slot] = type(reward_fn)  # its items get the normal limit from here on
+                    self._knows[slot] = {key}  # its items get the normal limit from here on
                     continue
-                reason = f"scoring ran past {self.timeout:g} s"
-                results[index] = _failed_score(reward_fn, reason, timeout=True)
+                results[index] = Outcome(None, f"scoring ran past {jobs[index].limit:g} s", timeout=True)
         return results
 
-    def _submit(self, slot: int, reward_fn, args: tuple) -> None:
+    def _submit(self, slot: int, fn, args: tuple, limit: float) -> None:
         try:
-            self._workers[slot].submit(reward_fn, args, self.timeout)
+            self._workers[slot].submit(fn, args, limit)
         except WorkerFailure:
             self._replace(slot)  # died between batches: a fresh worker takes the task
-            self._workers[slot].submit(reward_fn, args, self.timeout)
+            self._workers[slot].submit(fn, args, limit)
 
-    def _receive(self, slot: int, reward_fn) -> tuple[float, dict]:
+    def _receive(self, slot: int) -> Outcome:
         try:
-            reward, components = self._workers[slot].receive()
-            return float(reward), components
+            return Outcome(self._workers[slot].receive())
         except WorkerFailure as error:
             if not self._workers[slot].alive():
                 self._replace(slot)
-            return _failed_score(reward_fn, str(error), timeout=False)
-        except (TypeError, ValueError) as error:  # a custom reward_fn returning the wrong shape
-            return _failed_score(reward_fn, f"bad reward result: {error}", timeout=False)
+            return Outcome(None, str(error))
 
-    def _introduced(self, slot: int, reward_fn) -> None:
+    def _introduced(self, slot: int, key) -> None:
         try:
             self._workers[slot].receive()
         except WorkerFailure:
             if not self._workers[slot].alive():
                 self._replace(slot)
                 return
-        self._knows[slot] = type(reward_fn)
+        self._knows.setdefault(slot, set()).add(key)
 
     def _replace(self, slot: int) -> None:
         # The new worker starts in the background; it takes items once it has reported ready.

@@ -364,14 +364,14 @@ def test_saved_template_and_prompt_style_win_unless_the_config_names_them(wtok, 
     assert explicit_prompt_keys("eval.yaml") == set()  # eval.yaml leaves both to the model
     cfg = eval_config("eval.yaml")
     assert (cfg.data.template, cfg.data.prompt_style) == ("raw", "parallel")  # the defaults
-    assert prompt_settings(ref, cfg) == {"template": "chat", "prompt_style": "plain"}
+    assert prompt_settings(ref, cfg) == {"template": "chat", "prompt_style": "plain", "instruction": None}
     chosen = ["data.template=raw"]
     assert explicit_prompt_keys("eval.yaml", chosen) == {"template"}
-    assert prompt_settings(ref, eval_config("eval.yaml", chosen), {"template"}) == {"template": "raw",
-                                                                                     "prompt_style": "plain"}
+    assert prompt_settings(ref, eval_config("eval.yaml", chosen), {"template"}) == {
+        "template": "raw", "prompt_style": "plain", "instruction": None}
     # a model saved without either: the config's values
     unsaved = dataclasses.replace(ref, template=None, prompt_style=None)
-    assert prompt_settings(unsaved, cfg) == {"template": "raw", "prompt_style": "parallel"}
+    assert prompt_settings(unsaved, cfg) == {"template": "raw", "prompt_style": "parallel", "instruction": None}
 
 
 def test_an_export_copied_away_from_its_run_reads_its_config_json(wtok, tmp_path):

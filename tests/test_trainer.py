@@ -215,6 +215,25 @@ def test_a_step_with_every_group_filtered_updates_nothing(tok, tags, tmp_path):
         assert key not in rows[0], key
 
 
+def test_reward_functions_by_name_log_their_own_metrics_and_count_failures(tok, tags, tmp_path, caplog):
+    """reward.funcs beside the built-in reward: rewards/<name>/mean|std per function (the built-in's too), the
+    reward their weighted sum, and a raising function counted in reward/errors (every score it owed), named once
+    in the log, never scored -1."""
+    cfg = toy_config(grpo={"steps": 2}, rollout={"max_new_tokens": 4},
+                     reward={"funcs": ["tests.reward_fns:echo_step", "tests.reward_fns:raises"], "weights": [2.0, 1.0]})
+    with caplog.at_level("WARNING", logger="grpo.trainer"):
+        train_grpo(cfg, tiny(tok), tok, tags, toy_feed(tok), str(tmp_path), Dist(), reward_fn=WordReward())
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    n = 4 * 8  # prompts x group size
+    for step, r in enumerate(rows):
+        assert (r["rewards/echo_step/mean"], r["rewards/echo_step/std"]) == (step, 0.0)
+        assert r["rewards/raises/mean"] is None and r["rewards/raises/std"] is None
+        assert r["reward"] == pytest.approx(r["rewards/reward_fn/mean"] + 2.0 * step)  # raises: left out
+        assert (r["reward/errors"], r["reward/timeouts"]) == (n, 0)
+    named = [rec.getMessage() for rec in caplog.records if "reward raises failed" in rec.getMessage()]
+    assert len(named) == 1 and "RuntimeError: boom" in named[0]
+
+
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # 4-token responses: the <Parallel> panel is empty
 def test_lr_schedule_counts_updates(tok, tags, tmp_path):
     """6 steps of 1, 2 and 4 updates each log the same per-step learning rate (the one of the step's last
