@@ -1,4 +1,4 @@
-"""curriculum/memory.py: the memory plan's figures against measured allocations of a real small Qwen3 on CPU
+"""curriculum/memory.py and footprint.py: the memory plan's figures against measured allocations of a real small Qwen3 on CPU
 (parameters, gradients and AdamW states after a step; a StaticKV of the plan's rows; the storages autograd keeps
 for backward), the stage-2 plan of a Qwen3-4B-shaped model checked by hand, and run.py's fit verdict."""
 import json
@@ -12,8 +12,8 @@ import torch
 
 import curriculum.memory as memory
 from curriculum.config import build_config, deep_merge, load_config, pipeline_stages
-from curriculum.memory import (GiB, Arch, activation_bytes, first_problem, format_plan, memory_plan, parse_bytes,
-                               stage_plans)
+from curriculum.footprint import GiB, Arch, activation_bytes
+from curriculum.memory import first_problem, format_plan, memory_plan, parse_bytes, stage_plans
 from grpo.logprobs import token_logprobs
 from grpo.optim import build_optimizer
 from model import apply_structured_attention, build_model
