@@ -81,16 +81,16 @@ class TrackioWriter:
     """A Trackio run in its local store (TRACKIO_DIR, default ~/.cache/huggingface/trackio; `trackio show`)."""
 
     def __init__(self, run_dir: str, project: str, config: dict, start_step: int):
-        trackio = _import("trackio")
+        self.trackio = _import("trackio")
         with contextlib.redirect_stdout(sys.stderr):  # it prints where its store is: keep stdout for results
-            self.run = trackio.init(project=project, name=run_dir, config=config)
+            self.run = self.trackio.init(project=project, name=run_dir, config=config)
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
 
     def close(self, failed: bool) -> None:
         with contextlib.redirect_stdout(sys.stderr):
-            self.run.finish()
+            self.trackio.finish()  # the module's finish also forgets the run (else it finishes it again at exit)
 
 
 WRITERS = {"tensorboard": TensorBoardWriter, "wandb": WandbWriter, "trackio": TrackioWriter}

@@ -169,6 +169,7 @@ def test_pipeline_runs_in_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     check_pipeline(str(tmp_path / "pipe"))
     assert "| s2 |" in r.stdout and "run directory:" in r.stdout
+    assert r.stderr.count("  memory per rank: peak ") == 3  # run.py's plan, in each stage's opening summary
     # a second run finds every stage done and redoes nothing
     again = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "--config", str(tmp_path / "mini.yaml")],
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -243,7 +244,9 @@ def test_a_stage_cut_short_says_where_it_resumes(tmp_path, logged):
         path = os.path.join(cfg.run_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     run_pipeline(cfg, Dist())
-    assert f"stage g: resuming from {cfg.run_dir}/checkpoints/step-2" in logged()
+    said = logged()
+    assert f"stage g: resuming from {cfg.run_dir}/checkpoints/step-2" in said
+    assert f"g: resumed from {cfg.run_dir}/checkpoints/step-2 (step 2 of 3)" in said  # what the loop loaded
     assert steps_logged(cfg.run_dir) == [0, 1, 2]
 
 
@@ -259,6 +262,20 @@ def test_a_stage_whose_starting_model_trained_further_starts_over(tmp_path, logg
     assert "extending the finished stage (grpo.steps 2 -> 3)" in out
     assert "b: starting over (its starting model, a, was trained in this run)" in out
     assert os.path.isdir(tmp_path / "p" / "b" / "earlier-1" / "final") and steps_logged(tmp_path / "p" / "b") == [0, 1]
+
+
+def test_a_stage_opens_with_a_summary_of_what_it_runs(tmp_path, logged):
+    cfg = tiny_grpo(tmp_path)
+    run_pipeline(cfg, Dist(), memory={"g": "peak 1.0 MiB while sampling"})
+    n = sum(p.numel() for p in load_model(os.path.join(cfg.run_dir, "final")).parameters())
+    said = logged()
+    assert ("\n".join([
+        f"g (grpo, causal): run dir {cfg.run_dir}",
+        f"  model: model.build (random init), {n / 1e3:.2f}K parameters",
+        "  data: 8 train / 0 val rows from the synthetic task (easy); prompts cut to data.max_prompt_tokens=64: 0",
+        "  device: cpu, world size 1; attention: sdpa; dtype: float32 parameters, float32 compute",
+        "  memory per rank: peak 1.0 MiB while sampling"]) in said)
+    assert said.index("memory per rank") < said.index("g: starting at step 0 of 2")  # before the first step
 
 
 def test_every_data_row_is_read_before_the_model_is_built(tmp_path, monkeypatch):
