@@ -199,7 +199,8 @@ def read_stage_data(cfg: Config) -> tuple[dict, list, list]:
 # --- re-runs --------------------------------------------------------------------------------------------
 
 # what a stage leaves in its run directory; a start-over moves these into <run_dir>/earlier-<k>
-OUTPUTS = ("config.yaml", "metrics.jsonl", "training.png", "checkpoints", "final", "summary.json", "heldout")
+OUTPUTS = ("config.yaml", "metrics.jsonl", "training.png", "checkpoints", "final", "summary.json", "heldout",
+           "tensorboard", "wandb")  # the last two: report.to's
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class TensorBoardWriter:
     def __init__(self, run_dir: str, project: str, config: dict, start_step: int):
         path = os.path.join(run_dir, "tensorboard")
         self.writer = _import("tensorboard").SummaryWriter(path, purge_step=start_step or None)
-        log.info(f"tensorboard: {path} (tensorboard --logdir {path})")
+        log.info(f"tensorboard: event files in {path}")
 
     def log(self, values: dict, step: int) -> None:
         for key, value in values.items():
