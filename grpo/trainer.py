@@ -30,7 +30,6 @@ from .runlog import append_metrics, plot_metrics
 from .tracking import Trackers
 
 log = logging.getLogger(__name__)
-
 PLOTS = {"reward": ["reward", "accuracy"], "parallel": ["parallel_ratio", "well_formed"],
          "length": ["completions/mean_length"], "first <Parallel>": ["first_block_position"]}
 
