@@ -171,7 +171,8 @@ def resolve_init(stage: Config, earlier: dict) -> str | None:
 # stage may differ in them: the device and kernels (same math, other rounding), the micro-batch split (one
 # step's gradients do not depend on it: tests/test_trainer.py), the sampler's memory knobs (a sample does not
 # depend on them), the reward pool's size, checkpoint cadence, the end-of-stage evaluation (it runs after
-# training and reads the final model), the experiment trackers. Every other key changes the training, so it must match.
+# training and reads the final model), the experiment trackers. Every other key changes the training, so it must
+# match.
 RUN_ONLY_KEYS = ("name", "run_dir", "quick", "model.device", "model.attn_implementation",
                  "model.gradient_checkpointing", "rollout.prefill_rows", "rollout.kv_cache_gb",
                  "rollout.kv_cache_fraction", "grpo.micro_batch_tokens", "grpo.logprob_chunk", "sft.micro_batch_tokens",

@@ -38,6 +38,7 @@ from . import synthetic
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class PromptItem:
     id: str

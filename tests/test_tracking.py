@@ -148,6 +148,8 @@ def test_wandb_runs_offline_without_network(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     log_records(tmp_path, ["wandb"], RECORDS)
+    import wandb
+    wandb.teardown()  # its service writes the run's file after finish() returns; it has closed it once it exits
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1  # offline: `wandb sync` uploads it later
     data = open(runs[0], "rb").read()
