@@ -67,12 +67,15 @@ def main(argv=None) -> int:
         print(f"memory: {problem}", file=sys.stderr)
     if problem or args.dry_run:
         return 2 if problem else 0
-    return train(cfg)
+    return train(cfg, plans)
 
 
-def train(cfg) -> int:
-    """Run the validated config's stages; user-caused failures found once work began end in one line."""
+def train(cfg, plans=()) -> int:
+    """Run the validated config's stages (`plans`: stage_plans' (stage, plan) pairs, for each stage's opening
+    summary); user-caused failures found once work began end in one line."""
     from curriculum.config import ConfigError
+    from curriculum.console import setup_logging
+    from curriculum.memory import plan_headline
     from curriculum.data import DataError
     from curriculum.summary import print_summary
     from curriculum.stages import run_pipeline
@@ -81,8 +84,9 @@ def train(cfg) -> int:
     from grpo.loop import StopRequested
     from grpo.runlog import RunDirBusy
     d = init_distributed(cfg.model.device)
+    setup_logging(d.rank)
     try:
-        summaries = run_pipeline(cfg, d)
+        summaries = run_pipeline(cfg, d, {stage.name: plan_headline(plan) for stage, plan in plans})
         if d.main:
             print_summary(cfg, summaries)
     except StopRequested as e:

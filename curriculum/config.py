@@ -197,6 +197,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class ReportConfig:
+    """Experiment trackers beside metrics.jsonl: the same records under the same names, written by rank 0."""
+    # tensorboard (<run_dir>/tensorboard), wandb (offline unless WANDB_MODE is set; <run_dir>/wandb), trackio (its
+    # local store); each is an extra: pip install 'parallel-r1[wandb]'. A name alone is a list of one.
+    to: list | str = field(default_factory=list)
+    project: str = "parallel-r1"  # the wandb / trackio project; a run is named after the stage's run_dir
+
+
+@dataclass
 class Config:
     name: str = matching("run", PLAIN_NAME, "a plain name (letters, digits, '.', '_', '-'; a pipeline stage's "
                          "run directory is <run_dir>/<name>)")
@@ -216,6 +225,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 SECTIONS = tuple(name for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp))

@@ -57,11 +57,16 @@ class MemoryPlan:
     problem: str | None = None  # the one message when it cannot fit
 
     @property
-    def kv_pool(self) -> int:
-        """Bytes of K, V and the valid mask of the pool's rows (rollout.cache.StaticKV) at most: the rows that fit
-        the budget, or fewer when the largest call samples fewer (structured: num_paths rows per sample)."""
+    def kv_pool_rows(self) -> int:
+        """Rows of the pool at most: those that fit the budget, or fewer when the largest call samples fewer
+        (structured: num_paths rows per sample)."""
         paths = self.num_paths if self.structured else 1
-        return min(self.kv_rows, self.kv_samples * paths) * self.kv_width * (self.kv_bytes_per_token + 1)
+        return min(self.kv_rows, self.kv_samples * paths)
+
+    @property
+    def kv_pool(self) -> int:
+        """Bytes of K, V and the valid mask of the pool's rows (rollout.cache.StaticKV) at most."""
+        return self.kv_pool_rows * self.kv_width * (self.kv_bytes_per_token + 1)
 
     @property
     def micro_batch_key(self) -> str:
@@ -252,6 +257,21 @@ def format_plan(plan: MemoryPlan) -> str:
         verdict = "fits" if plan.problem is None else "DOES NOT FIT"
         lines.append(f"  fit: {verdict}: peak {peak / GiB:.2f} of {plan.device_bytes / GiB:.2f} GiB per device")
     return "\n".join(lines)
+
+
+def plan_headline(plan: MemoryPlan | str) -> str:
+    """The plan in one line, for a stage's opening summary: both peaks against the device, the KV pool. `plan`
+    may be stage_plans' note saying why there is none."""
+    if isinstance(plan, str):
+        return "not planned (the model's config.json was not there before the run)"
+    size = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+    if plan.device_bytes is None:
+        fit = "CPU: not checked"
+    else:
+        fit = f"of {size(plan.device_bytes)}, {'fits' if plan.problem is None else 'DOES NOT FIT'}"
+    spare = f" (its budget holds {plan.kv_rows})" if plan.kv_pool_rows < plan.kv_rows else ""
+    return (f"peak {size(plan.peak_sampling)} while sampling, {size(plan.peak_update)} while updating ({fit}); "
+            f"KV pool {plan.kv_pool_rows} rows of {plan.kv_width} tokens{spare}")
 
 
 # --- the stages of a config ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+from grpo.tracking import tracker_names
 from rewards import RewardFunc, RewardFuncError, check_reward_func
 
 from .config import Config, ConfigError, benchmark_path, benchmark_specs, pipeline_stages, read_yaml
@@ -75,6 +76,10 @@ def check_rules(cfg: Config, world: int) -> None:
         check_reward_keys(r)
     if cfg.data.synthetic is not None:
         check_synthetic(cfg.data.synthetic, "data.synthetic")
+    try:
+        tracker_names(cfg.report.to)
+    except ValueError as e:
+        raise ConfigError(f"report.to: {e}") from None
     for name, spec in benchmark_specs(cfg).items():
         if spec.synthetic is not None:
             check_synthetic(spec.synthetic, f"eval.benchmarks.{name}.synthetic")
@@ -243,12 +248,13 @@ def resolve_init(stage: Config, earlier: dict) -> str | None:
 # Keys that say where, how fast or how often a stage runs, not what it computes, so a resumed or finished
 # stage may differ in them: the device and kernels (same math, other rounding), the micro-batch split (one
 # step's gradients do not depend on it: tests/test_trainer.py), the sampler's memory knobs (a sample does not
-# depend on them), the reward pool's size, checkpoint cadence, and the end-of-stage evaluation (it runs after
-# training and reads the final model). Every other key changes the training, so it must match.
+# depend on them), the reward pool's size, checkpoint cadence, the end-of-stage evaluation (it runs after
+# training and reads the final model), the experiment trackers. Every other key changes the training, so it must
+# match.
 RUN_ONLY_KEYS = ("name", "run_dir", "quick", "model.device", "model.attn_implementation",
                  "model.gradient_checkpointing", "rollout.prefill_rows", "rollout.kv_cache_gb",
                  "rollout.kv_cache_fraction", "grpo.micro_batch_tokens", "grpo.logprob_chunk", "sft.micro_batch_tokens",
-                 "sft.eval_every", "sft.eval_samples", "reward.workers", "checkpoint", "eval")
+                 "sft.eval_every", "sft.eval_samples", "reward.workers", "checkpoint", "eval", "report")
 # The length of a stage: raising it continues a finished stage from its last checkpoint.
 LENGTH_KEYS = ("grpo.steps", "sft.steps", "sft.epochs")
 

@@ -8,8 +8,10 @@ steps): the validation loss, and the share of sampled validation responses that 
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -21,6 +23,7 @@ from grpo.loop import StopFlag, TrainState, make_sampler, micro_batch_logprobs, 
 from grpo.loss import aggregate
 from grpo.optim import build_optimizer
 from grpo.runlog import append_metrics, plot_metrics
+from grpo.tracking import Trackers
 from model.patch import structured_tags
 from model.tokenizer import decode_responses, stop_token_ids
 from rewards import parallel_stats
@@ -29,6 +32,7 @@ from rollout import SamplingAborted, sampler_layout
 from .data import PromptStream
 from .prompts import encode_prompt, encode_sft_example, example_prompt
 
+log = logging.getLogger(__name__)
 PLOTS = {"loss": ["loss", "eval_loss"], "format": ["format_validity", "parallel_ratio"]}
 
 
@@ -111,12 +115,16 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
     opt, sched = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                  cfg.optim.warmup_steps, steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
     stream, state = PromptStream(list(range(len(rows))), seed=cfg.seed), TrainState()
-    ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, stream, d,
-                expect={"variant": cfg.variant, "model.build": cfg.model.build, "sft.batch_size": s.batch_size})
+    where = ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, stream, d,
+                        expect={"variant": cfg.variant, "model.build": cfg.model.build, "sft.batch_size": s.batch_size})
+    log.info(f"{cfg.name}: resumed from {where} (step {state.step} of {steps})" if where else
+             f"{cfg.name}: starting at step 0 of {steps}")
     every = s.eval_every or steps_per_epoch
     model.train()
     bar = tqdm(range(state.step, steps), initial=state.step, total=steps, desc=cfg.name, disable=not d.main)
-    with StopFlag() as stop:
+    trackers = Trackers(cfg.report.to, run_dir, project=cfg.report.project, config=asdict(cfg), start_step=state.step,
+                        enabled=d.main)
+    with StopFlag() as stop, trackers:
         for step in bar:
             t0 = time.perf_counter()
             batch = sft_batch([rows[i] for i in stream.next_batch(s.batch_size)[d.rank::d.world]], 0)
@@ -142,6 +150,7 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
                                         seed=cfg.seed + step, compute_dtype=compute_dtype))
             if d.main:
                 append_metrics(run_dir, m)
+                trackers.log(m)
                 bar.set_postfix(loss=f"{loss:.3f}")
             save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last)
     if d.main:

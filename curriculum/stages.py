@@ -8,9 +8,9 @@ whose config changed otherwise is refused, naming the keys.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -30,11 +30,14 @@ from model.tokenizer import BASIC_WORDS, build_word_tokenizer
 from rewards import ARGUMENTS
 
 from .config import Config, ConfigError, pipeline_stages, save_config, to_dict
+from .console import stage_opening
 from .data import Patterns, PromptStream, load_examples, split_examples
 from .evaluate import load_benchmarks, stage_figures
 from .preflight import config_diff, flatten, resolve_init
 from .prompts import encode_prompts, example_prompt
 from . import synthetic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,14 +151,15 @@ def load_train_data(cfg: Config, heldout: dict):
 
 def say(d: Dist, line: str) -> None:
     if d.main and line:
-        print(line, flush=True)
+        log.info(line)
 
 
 def run_stage(cfg: Config, d: Dist, init_dir: str | None = None, plan: "Plan | None" = None,
-              data: tuple | None = None) -> tuple[str, dict]:
+              data: tuple | None = None, memory: str | None = None) -> tuple[str, dict]:
     """Train one stage; returns (final model directory, summary of held-out figures). `plan` (plan_stage's
     decision, made here when None) says whether it is skipped, resumed or started over; `data` is
-    (heldout, train, val) when the caller has read them already."""
+    (heldout, train, val) when the caller has read them already; `memory`: the memory plan's headline for the
+    opening summary (curriculum.memory.plan_headline)."""
     plan = plan or plan_stage(cfg, d)
     final = os.path.join(cfg.run_dir, "final")
     summary_path = os.path.join(cfg.run_dir, "summary.json")
@@ -179,6 +183,7 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None, plan: "Plan | N
                f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} and are cut from the left (their start is lost)")
     summary = {"init_from": init_dir, "prompts_cut": cut}
     model, compute = make_model(cfg, d, tokenizer, tags, init_dir)
+    say(d, stage_opening(cfg, d.device, d.world, model, compute, init_dir, (len(train), len(val)), cut, memory))
     if cfg.kind == "sft":
         from .sft import train_sft
         train_sft(cfg, model, tokenizer, tags, train, val, cfg.run_dir, d, compute_dtype=compute)
@@ -208,7 +213,8 @@ def read_stage_data(cfg: Config) -> tuple[dict, list, list]:
 # --- re-runs --------------------------------------------------------------------------------------------
 
 # what a stage leaves in its run directory; a start-over moves these into <run_dir>/earlier-<k>
-OUTPUTS = ("config.yaml", "metrics.jsonl", "training.png", "checkpoints", "final", "summary.json", "heldout")
+OUTPUTS = ("config.yaml", "metrics.jsonl", "training.png", "checkpoints", "final", "summary.json", "heldout",
+           "tensorboard", "wandb")  # the last two: report.to's
 
 
 @dataclass(frozen=True)
@@ -303,8 +309,8 @@ def own_run_dirs(paths: list[str], d: Dist):
         raise RunDirBusy(error)
     for lock in locks:
         if lock.took_over:
-            print(f"note: {os.path.dirname(lock.path)} was left locked by {lock.took_over}, which is no longer "
-                  "running; this run takes it over", file=sys.stderr)
+            log.warning(f"note: {os.path.dirname(lock.path)} was left locked by {lock.took_over}, which is no longer "
+                        "running; this run takes it over")
     try:
         yield
     finally:
@@ -312,10 +318,10 @@ def own_run_dirs(paths: list[str], d: Dist):
             lock.release()
 
 
-def run_pipeline(cfg: Config, d: Dist) -> dict:
+def run_pipeline(cfg: Config, d: Dist, memory: dict | None = None) -> dict:
     """Run every stage of the config in order; returns {stage name: summary}. Before any training: the run
     directories are locked, every stage's data is read whole and every stage's plan is made (a refusal
-    comes before the first stage trains)."""
+    comes before the first stage trains). `memory`: stage name -> the memory plan's headline."""
     stages = pipeline_stages(cfg)
     with own_run_dirs([cfg.run_dir] + [s.run_dir for s in stages], d):
         plans, trained = [], set()
@@ -327,7 +333,8 @@ def run_pipeline(cfg: Config, d: Dist) -> dict:
         finals, summaries = {}, {}
         for stage, plan in zip(stages, plans):
             init = resolve_init(stage, finals)
-            finals[stage.name], summaries[stage.name] = run_stage(stage, d, init, plan, data.get(stage.name))
+            finals[stage.name], summaries[stage.name] = run_stage(stage, d, init, plan, data.get(stage.name),
+                                                                  (memory or {}).get(stage.name))
         if cfg.kind == "pipeline" and d.main:
             with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
                 json.dump({**summaries, "variant": cfg.variant, "seed": cfg.seed}, f, indent=2)

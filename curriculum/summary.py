@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from grpo.runlog import read_metrics
+from grpo.runlog import draw_panel, pyplot, read_metrics, save_figure
 
 from .config import Config, pipeline_stages
 
@@ -29,57 +29,57 @@ def summary_table(summaries: dict) -> str:
     return "\n".join(rows)
 
 
-def pipeline_curves(cfg: Config) -> dict:
-    """metrics.jsonl of every stage laid end to end: key -> [(global step, value)], plus stage boundaries.
-    "loss" is taken from SFT stages only: a GRPO stage's "loss" is its objective, on another scale."""
-    curves, offset, bounds = {}, 0, []
+FIGURES = {"reward_accuracy.png": ("reward and accuracy (training samples)", ["reward", "accuracy"]),
+           "parallel_ratio.png": ("parallel ratio / format validity", ["parallel_ratio", "well_formed",
+                                                                       "format_validity"]),
+           "response_length.png": ("response length (tokens)", ["completions/mean_length"]),
+           "first_parallel_position.png": ("relative position of the first <Parallel>", ["first_block_position"]),
+           "sft_loss.png": ("SFT loss", ["loss", "eval_loss"])}
+
+
+def pipeline_curves(cfg: Config) -> tuple[dict, list]:
+    """metrics.jsonl of every stage laid end to end: (key -> {stage name: [(global step, value)]}, [(first
+    global step, last global step, stage name)] of the stages that logged a step). "loss" is taken from SFT
+    stages only: a GRPO stage's "loss" is its objective, on another scale."""
+    curves, spans, offset = {}, [], 0
     for stage in pipeline_stages(cfg):
         rows = read_metrics(stage.run_dir)
         for r in rows:
             for k, v in r.items():
                 if isinstance(v, (int, float)) and k != "step" and (k != "loss" or stage.kind == "sft"):
-                    curves.setdefault(k, []).append((offset + r["step"], v))
+                    curves.setdefault(k, {}).setdefault(stage.name, []).append((offset + r["step"], v))
         if rows:
+            spans.append((offset, offset + rows[-1]["step"], stage.name))
             offset += rows[-1]["step"] + 1
-            bounds.append((offset, stage.name))
-    curves["_bounds"] = bounds
-    return curves
+    return curves, spans
 
 
 def plot_pipeline(cfg: Config) -> list[str]:
-    """PNGs under the run directory: one per figure, steps of all stages on one axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = pipeline_curves(cfg)
-    figures = {"reward_accuracy.png": ("reward and accuracy (training samples)", ["reward", "accuracy"]),
-               "parallel_ratio.png": ("parallel ratio / format validity", ["parallel_ratio", "well_formed",
-                                                                           "format_validity"]),
-               "response_length.png": ("response length (tokens)", ["completions/mean_length"]),
-               "first_parallel_position.png": ("relative position of the first <Parallel>", ["first_block_position"]),
-               "sft_loss.png": ("SFT loss", ["loss", "eval_loss"])}
+    """A PNG under the run directory per figure of FIGURES that has a value to draw, the steps of the stages
+    that logged one on one axis, each stage named above its span. A figure with nothing to draw is not
+    written (one left by an earlier run is removed)."""
+    curves, spans = pipeline_curves(cfg)
     paths = []
-    for name, (title, keys) in figures.items():
-        fig, ax = plt.subplots(figsize=(6, 3.4))
-        for key in keys:
-            if curves.get(key):
-                ax.plot(*zip(*curves[key]), label=key, lw=1.2, marker="." if len(curves[key]) < 30 else None)
-        bounds = curves["_bounds"]
-        for (x, _), (_, stage) in zip(bounds[:-1], bounds[1:]):  # a dashed line where each later stage starts
-            ax.axvline(x - 0.5, color="grey", lw=0.8, ls="--")
-            ax.text(x, ax.get_ylim()[1], f" {stage}", fontsize=7, va="top", ha="left", color="grey")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step (all stages)")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+    for name, (title, keys) in FIGURES.items():
         path = os.path.join(cfg.run_dir, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        drawn = {k: curves[k] for k in keys if k in curves}
+        if not drawn:
+            if os.path.exists(path):
+                os.remove(path)
+            continue
+        fig, ax = pyplot().subplots(figsize=(6.4, 3.6))
+        draw_panel(ax, {k: list(by_stage.values()) for k, by_stage in drawn.items()}, title)
+        shown = [span for span in spans if any(span[2] in by_stage for by_stage in drawn.values())]
+        for first, last, stage in shown:
+            if first > shown[0][0]:  # a dashed line where each later stage starts
+                ax.axvline(first - 0.5, color="grey", lw=0.8, ls="--")
+            ax.text((first + last) / 2, 1.01, stage, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                    fontsize=7, color="grey")
+        ax.set_xlim(shown[0][0] - 0.5, shown[-1][1] + 0.5)
+        ax.set_title(title, fontsize=10, pad=14)
+        ax.set_xlabel("step (all stages)")
+        fig.tight_layout()
+        paths.append(save_figure(fig, path))
     return paths
 
 

@@ -1,5 +1,6 @@
-"""The run directory's own files: metrics.jsonl (one JSON object per step) and the PNG plots drawn from it,
-and the lock that makes one process the owner of a run directory."""
+"""The run directory's own files: metrics.jsonl (one JSON object per step) and the PNG plots drawn from it
+(curriculum/summary.py draws the pipeline's with the same panel code), and the lock that makes one process
+the owner of a run directory."""
 from __future__ import annotations
 
 import fcntl
@@ -49,32 +50,74 @@ def truncate_metrics(run_dir: str, step: int, name: str = "metrics.jsonl") -> No
     os.replace(path + ".tmp", path)
 
 
-def plot_metrics(run_dir: str, panels: dict, name: str = "metrics.jsonl", out: str = "training.png") -> str | None:
-    """One figure with a panel per entry of `panels` (title -> metric keys), step on the x axis."""
-    rows = read_metrics(run_dir, name)
-    if not rows:
-        return None
+# The y-axis label of each metric the figures draw; a panel's label joins those of its metrics.
+UNITS = {"reward": "reward", "accuracy": "share correct", "parallel_ratio": "share of responses",
+         "well_formed": "share of responses", "format_validity": "share of responses",
+         "completions/mean_length": "tokens", "first_block_position": "position in the response (0-1)",
+         "loss": "loss (nats per token)", "eval_loss": "loss (nats per token)"}
+COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # tab10 without grey (stage boundaries are grey)
+FEW_POINTS = 30  # a series with fewer points gets markers: one point alone (an eval_loss) draws no line
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed, none opened)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels.items()):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=key, lw=1.2)
-        ax.set_title(title, fontsize=10)
+    return plt
+
+
+def draw_panel(ax, series: dict, title: str, first_colour: int = 0) -> int:
+    """Draw `series` (metric -> segments, each a list of (step, value); a pipeline breaks a metric where a
+    stage ends) on `ax`: a colour per metric from COLOURS[first_colour:], markers on sparse series,
+    whole-number step ticks, the y label from UNITS, a legend. Returns the number of colours used."""
+    from matplotlib.ticker import MaxNLocator
+
+    for i, (key, segments) in enumerate(series.items()):
+        colour = COLOURS[(first_colour + i) % len(COLOURS)]
+        marker = "o" if sum(map(len, segments)) < FEW_POINTS else None
+        for j, points in enumerate(segments):
+            ax.plot(*zip(*points), color=colour, marker=marker, ms=3.5, lw=1.2, label=None if j else key)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(" / ".join(dict.fromkeys(UNITS.get(k, k) for k in series)), fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps; one alone still gets its tick
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return len(series)
+
+
+def metrics_figure(rows: list[dict], panels: dict):
+    """A figure with a panel per entry of `panels` (title -> metric keys) that has a value to draw, step on the x
+    axis; None when no panel has one. A metric never logged (no block sampled yet) is left out of its panel."""
+    series = {title: {k: [pts] for k in keys if (pts := [(r["step"], r[k]) for r in rows if r.get(k) is not None])}
+              for title, keys in panels.items()}
+    series = {title: s for title, s in series.items() if s}
+    if not series:
+        return None
+    fig, axes = pyplot().subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
+    steps = [r["step"] for r in rows]
+    colour = 0
+    for ax, (title, s) in zip(axes[0], series.items()):
+        colour += draw_panel(ax, s, title, colour)
+        ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)  # every panel spans the stage: an eval point sits in time
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:  # a metric never logged (e.g. no block yet) leaves its panel empty
-            ax.legend(fontsize=7)
     fig.tight_layout()
-    path = os.path.join(run_dir, out)
+    return fig
+
+
+def save_figure(fig, path: str) -> str:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
+
+
+def plot_metrics(run_dir: str, panels: dict, name: str = "metrics.jsonl", out: str = "training.png") -> str | None:
+    """<run_dir>/training.png from metrics.jsonl: metrics_figure's panels. Returns its path, None when nothing
+    was logged to draw."""
+    fig = metrics_figure(read_metrics(run_dir, name), panels)
+    return save_figure(fig, os.path.join(run_dir, out)) if fig is not None else None
 
 
 class RunDirBusy(RuntimeError):

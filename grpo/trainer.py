@@ -10,7 +10,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from tqdm import tqdm
@@ -29,6 +29,7 @@ from .loop import (StepAbandoned, StopFlag, TrainState, make_sampler, micro_batc
 from .loss import grpo_objective
 from .optim import build_optimizer
 from .runlog import append_metrics, plot_metrics
+from .tracking import Trackers
 
 log = logging.getLogger(__name__)
 PLOTS = {"reward": ["reward", "accuracy"], "parallel": ["parallel_ratio", "well_formed"],
@@ -55,15 +56,19 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     opt, sched = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                  cfg.optim.warmup_steps * k, g.steps * k, cfg.optim.schedule, cfg.optim.min_lr_ratio)
     state = TrainState()
-    ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, feed, d, expect={
+    where = ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, feed, d, expect={
         "variant": cfg.variant, "model.build": cfg.model.build, "rollout.group_size": ro.group_size,
         "grpo.prompts_per_step": g.prompts_per_step, "grpo.mini_batch_prompts": g.mini_batch_prompts})
+    log.info(f"{cfg.name}: resumed from {where} (step {state.step} of {g.steps})" if where else
+             f"{cfg.name}: starting at step 0 of {g.steps}")
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     r = cfg.reward
     reward_set = RewardSet.from_section(r, builtin=reward_fn)
     stop = StopFlag()
     bar = tqdm(range(state.step, g.steps), initial=state.step, total=g.steps, desc=cfg.name, disable=not d.main)
-    with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop:
+    trackers = Trackers(cfg.report.to, run_dir, project=cfg.report.project, config=asdict(cfg), start_step=state.step,
+                        enabled=d.main)
+    with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop, trackers:
         for step in bar:
             items = feed.next_batch(g.prompts_per_step)[d.rank::d.world]  # this rank's share of whole groups
             try:
@@ -80,6 +85,7 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
             state.feed = feed.state_dict()
             if d.main:
                 append_metrics(run_dir, metrics)
+                trackers.log(metrics)
                 acc = metrics["accuracy"]  # None without the built-in reward (reward.mode: none)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", **({} if acc is None else {"acc": f"{acc:.3f}"}))
             save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last=state.step == g.steps)

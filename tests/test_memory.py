@@ -13,7 +13,7 @@ import torch
 import curriculum.memory as memory
 from curriculum.config import build_config, deep_merge, load_config, pipeline_stages
 from curriculum.footprint import GiB, Arch, activation_bytes
-from curriculum.memory import first_problem, format_plan, memory_plan, parse_bytes, stage_plans
+from curriculum.memory import first_problem, format_plan, memory_plan, parse_bytes, plan_headline, stage_plans
 from grpo.logprobs import token_logprobs
 from grpo.optim import build_optimizer
 from model import apply_structured_attention, build_model
@@ -180,6 +180,8 @@ def test_stage2_plan_of_qwen3_4b_by_hand(qwen3_4b):
     assert plan.problem is None and plan.peak_sampling < 80 * 10**9 and plan.peak_update < 80 * 10**9
     table = format_plan(plan)
     assert "144 KiB per token" in table and "59 rows = 59 samples in flight" in table and "fit: fits" in table
+    assert plan_headline(plan) == (f"peak {plan.peak_sampling / GiB:.2f} GiB while sampling, {plan.peak_update / GiB:.2f}"
+                                   " GiB while updating (of 74.51 GiB, fits); KV pool 59 rows of 5000 tokens")
 
 
 def run_py(*args):

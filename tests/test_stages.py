@@ -2,6 +2,7 @@
 sample, the structured variant's SFT batch uses the structure, and a 0 -> 1 -> 2 pipeline runs under
 python and under torchrun (2 gloo ranks), each stage starting from the previous one's final model."""
 import json
+import logging
 import os
 import shutil
 import socket
@@ -28,6 +29,18 @@ from model.tokenizer import build_word_tokenizer
 from .conftest import QWEN_TINY, TINY, data_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def logged(caplog):
+    """What the stage code logged at INFO since the last call (run.py's handler writes it to stderr)."""
+    caplog.set_level(logging.INFO)
+
+    def read() -> str:
+        text = caplog.text
+        caplog.clear()
+        return text
+    return read
 
 
 def test_sft_lowers_validation_loss_on_parallel_gsm8k(qwen_tok, tmp_path):
@@ -156,11 +169,12 @@ def test_pipeline_runs_in_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     check_pipeline(str(tmp_path / "pipe"))
     assert "| s2 |" in r.stdout and "run directory:" in r.stdout
+    assert r.stderr.count("  memory per rank: peak ") == 3  # run.py's plan, in each stage's opening summary
     # a second run finds every stage done and redoes nothing
     again = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "--config", str(tmp_path / "mini.yaml")],
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and "it/s" not in again.stderr
-    assert all(f"stage {s} already finished, skipping" in again.stdout for s in ("s0", "s1", "s2"))
+    assert all(f"stage {s} already finished, skipping" in again.stderr for s in ("s0", "s1", "s2"))
 
 
 def free_port() -> int:
@@ -194,47 +208,49 @@ def steps_logged(run_dir) -> list:
     return [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def test_a_rerun_skips_a_finished_stage_and_extends_one_given_more_steps(tmp_path, capsys):
+def test_a_rerun_skips_a_finished_stage_and_extends_one_given_more_steps(tmp_path, logged):
     """Raising grpo.steps used to exit at once ("final/ exists") having trained nothing."""
     cfg = tiny_grpo(tmp_path)
     run_pipeline(cfg, Dist())
     run_pipeline(tiny_grpo(tmp_path, reward={"workers": 1}, checkpoint={"every": 2}), Dist())  # how, not what
-    assert f"stage g already finished, skipping ({cfg.run_dir}/final)" in capsys.readouterr().out
+    assert f"stage g already finished, skipping ({cfg.run_dir}/final)" in logged()
     run_pipeline(tiny_grpo(tmp_path, grpo={"steps": 4}), Dist())
     assert (f"stage g: extending the finished stage (grpo.steps 2 -> 4) from {cfg.run_dir}/checkpoints/step-2"
-            in capsys.readouterr().out)
+            in logged())
     assert steps_logged(cfg.run_dir) == [0, 1, 2, 3]
     trainer = json.loads(open(os.path.join(cfg.run_dir, "checkpoints", "step-4", "trainer.json")).read())
     assert trainer["state"]["step"] == 4 and trainer["scheduler"]["last_epoch"] == 4  # four updates in all
     assert sorted(os.listdir(os.path.join(cfg.run_dir, "checkpoints"))) == [f"step-{i}" for i in (1, 2, 3, 4)]
 
 
-def test_a_rerun_with_another_config_is_refused_naming_the_keys_or_starts_over_on_request(tmp_path, capsys):
+def test_a_rerun_with_another_config_is_refused_naming_the_keys_or_starts_over_on_request(tmp_path, logged):
     cfg = tiny_grpo(tmp_path)
     run_pipeline(cfg, Dist())
     with pytest.raises(ConfigError, match=r"holds a run of g with another config: optim.lr \(0.01 -> 0.02\); "
                                           r"rollout.temperature \(1.0 -> 0.9\)"):
         run_pipeline(tiny_grpo(tmp_path, optim={"lr": 2e-2}, rollout={"temperature": 0.9}), Dist())
     run_pipeline(tiny_grpo(tmp_path, optim={"lr": 2e-2}, checkpoint={"resume": "never"}), Dist())
-    assert "g: starting over (checkpoint.resume is never)" in capsys.readouterr().out
+    assert "g: starting over (checkpoint.resume is never)" in logged()
     earlier = os.path.join(cfg.run_dir, "earlier-1")
     assert sorted(os.listdir(earlier)) == ["checkpoints", "config.yaml", "final", "metrics.jsonl", "summary.json",
                                            "training.png"]  # nothing lost
     assert steps_logged(cfg.run_dir) == [0, 1] and steps_logged(earlier) == [0, 1]
 
 
-def test_a_stage_cut_short_says_where_it_resumes(tmp_path, capsys):
+def test_a_stage_cut_short_says_where_it_resumes(tmp_path, logged):
     cfg = tiny_grpo(tmp_path, grpo={"steps": 3})
     run_pipeline(cfg, Dist())
     for name in ("final", "summary.json", os.path.join("checkpoints", "step-3")):  # as if killed during step 2
         path = os.path.join(cfg.run_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     run_pipeline(cfg, Dist())
-    assert f"stage g: resuming from {cfg.run_dir}/checkpoints/step-2" in capsys.readouterr().out
+    said = logged()
+    assert f"stage g: resuming from {cfg.run_dir}/checkpoints/step-2" in said
+    assert f"g: resumed from {cfg.run_dir}/checkpoints/step-2 (step 2 of 3)" in said  # what the loop loaded
     assert steps_logged(cfg.run_dir) == [0, 1, 2]
 
 
-def test_a_stage_whose_starting_model_trained_further_starts_over(tmp_path, capsys):
+def test_a_stage_whose_starting_model_trained_further_starts_over(tmp_path, logged):
     def pipeline(steps_a):
         shared = {k: v for k, v in to_dict(tiny_grpo(tmp_path)).items() if k not in ("name", "run_dir")}
         a = deep_merge(shared, {"name": "a", "grpo": {"steps": steps_a}})
@@ -242,10 +258,24 @@ def test_a_stage_whose_starting_model_trained_further_starts_over(tmp_path, caps
         return build_config({"kind": "pipeline", "run_dir": str(tmp_path / "p"), "stages": [a, b]})
     run_pipeline(pipeline(2), Dist())
     run_pipeline(pipeline(3), Dist())
-    out = capsys.readouterr().out
+    out = logged()
     assert "extending the finished stage (grpo.steps 2 -> 3)" in out
     assert "b: starting over (its starting model, a, was trained in this run)" in out
     assert os.path.isdir(tmp_path / "p" / "b" / "earlier-1" / "final") and steps_logged(tmp_path / "p" / "b") == [0, 1]
+
+
+def test_a_stage_opens_with_a_summary_of_what_it_runs(tmp_path, logged):
+    cfg = tiny_grpo(tmp_path)
+    run_pipeline(cfg, Dist(), memory={"g": "peak 1.0 MiB while sampling"})
+    n = sum(p.numel() for p in load_model(os.path.join(cfg.run_dir, "final")).parameters())
+    said = logged()
+    assert ("\n".join([
+        f"g (grpo, causal): run dir {cfg.run_dir}",
+        f"  model: model.build (random init), {n / 1e3:.2f}K parameters",
+        "  data: 8 train / 0 val rows from the synthetic task (easy); prompts cut to data.max_prompt_tokens=64: 0",
+        "  device: cpu, world size 1; attention: sdpa; dtype: float32 parameters, float32 compute",
+        "  memory per rank: peak 1.0 MiB while sampling"]) in said)
+    assert said.index("memory per rank") < said.index("g: starting at step 0 of 2")  # before the first step
 
 
 def test_every_data_row_is_read_before_the_model_is_built(tmp_path, monkeypatch):
@@ -262,9 +292,9 @@ def test_every_data_row_is_read_before_the_model_is_built(tmp_path, monkeypatch)
         run_pipeline(cfg, Dist())
 
 
-def test_prompts_cut_to_the_limit_are_counted_once(tmp_path, capsys):
+def test_prompts_cut_to_the_limit_are_counted_once(tmp_path, logged):
     cfg = tiny_grpo(tmp_path, data={"max_prompt_tokens": 6})
     _, summary = run_stage(cfg, Dist())
-    out = capsys.readouterr().out
+    out = logged()
     assert out.count("prompts are longer than data.max_prompt_tokens=6") == 1
     assert "g: 8 of 8 prompts are longer" in out and summary["prompts_cut"] == 8
