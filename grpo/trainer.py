@@ -148,6 +148,9 @@ def accumulate_gradients(model, batch: TrainBatch, cfg, d: Dist) -> dict | None:
     num_tokens, num_seqs = all_reduce(counts.to(d.device)).tolist()  # num_seqs: rows with a loss token
     if num_tokens == 0:
         return None
+    live = (batch.loss_mask.sum(1) > 0).nonzero()[:, 0].tolist()  # rows with a loss token
+    if 0 < len(live) < batch.input_ids.shape[0]:  # the rest add nothing, to the loss or to the metrics: not run
+        batch = batch.select(live)  # (filter_zero_std skips up to half the rows of an easy batch)
     totals: dict = {}
     for mb, _, weight in aligned_micro_batches(batch, g.micro_batch_tokens, d.device):
         logp, entropy = micro_batch_logprobs(model, mb, d.device, temperature=cfg.rollout.temperature,

@@ -235,13 +235,15 @@ def test_rows_without_loss_tokens_do_not_dilute_the_gradient(tok, agg_mode):
     six = batch.select(range(6))
     six = replace(six, loss_mask=six.loss_mask * torch.tensor([1, 1, 1, 0, 0, 0])[:, None])
     cfg = toy_config(grpo={"agg_mode": agg_mode})
-    grads = []
+    grads, rows_run = [], []
     for part in (batch.select(range(3)), six):
         m = copy.deepcopy(model).train()
+        m.model.embed_tokens.register_forward_pre_hook(lambda _, args: rows_run.append(args[0].shape[0]))
         accumulate_gradients(m, part, cfg, Dist())
         grads.append([p.grad for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(*grads))
     assert max(g.abs().max() for g in grads[0]) > 1e-4  # a real gradient
+    assert rows_run == [3, 3]  # the three masked rows are never run
 
 
 def test_row_logprobs_do_not_depend_on_left_padding(tok):
