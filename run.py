@@ -12,6 +12,12 @@ import os
 import sys
 
 
+SIZE_NOTES = {None: None,  # said before the run and under its table
+              "quick": "--quick: a smoke run at toy size; it checks that every stage runs, its figures mean nothing",
+              "short": "--short: a shortened run; it shows the cold start learning the format, not what the full "
+                       "run's RL stages do to accuracy"}
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="run.py", description="Parallel-R1 training: SFT and GRPO stages, pipelines, "
                                  "the CPU demo. `run.py eval --help` for evaluation.")
@@ -24,7 +30,11 @@ def parse_args(argv):
     ap.add_argument("--world-size", type=int, help="dry run: ranks to plan memory for (a real run: torchrun's)")
     ap.add_argument("--device-memory", metavar="SIZE", help="dry run: plan for GPUs of SIZE (80GB = 80e9 bytes, "
                     "80GiB, or bytes; an H100 has 79.2GiB); default: the CUDA device found, else CPU (no fit check)")
-    ap.add_argument("--quick", action="store_true", help="apply the config's `quick:` block (a fast smoke run)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="apply the config's `quick:` block: a smoke run (the "
+                      "demo: about a minute) that checks the stages run; its figures mean nothing")
+    size.add_argument("--short", action="store_true", help="apply the config's `short:` block (the demo: about 3 "
+                      "minutes; the cold start learns the format, the accuracy figures are not the full run's)")
     return ap.parse_args(argv)
 
 
@@ -43,7 +53,7 @@ def main(argv=None) -> int:
     # the package's demo wherever the command runs (a relative default would follow the working directory)
     config = args.config or os.path.join(CONFIG_DIR, "demo.yaml")
     try:
-        cfg = load_config(config, args.set, args.quick)
+        cfg = load_config(config, args.set, args.quick, args.short)
         stages = pipeline_stages(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -71,10 +81,13 @@ def main(argv=None) -> int:
     from grpo.fsdp import close_distributed, init_distributed
     from grpo.loop import StopRequested
     d = init_distributed(cfg.model.device)
+    note = SIZE_NOTES["quick" if args.quick else "short" if args.short else None]
+    if note and d.main:
+        print(note)
     try:
         summaries = run_pipeline(cfg, d)
         if d.main:
-            print_summary(cfg, summaries)
+            print_summary(cfg, summaries, note)
     except StopRequested as e:
         print(f"\n{e}", file=sys.stderr)
         return 130

@@ -27,6 +27,7 @@ from .config import Config, ConfigError, pipeline_stages, read_yaml, save_config
 from .data import PromptStream, load_examples, split_examples
 from .evaluate import load_benchmarks, stage_figures
 from .prompts import encode_prompt, format_prompt
+from .summary import stage_seconds
 from . import synthetic
 
 
@@ -165,10 +166,12 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None) -> tuple[str, d
                    compute_dtype=compute)
     final = export_final(model, tokenizer, cfg.run_dir, d, variant=cfg.variant, template=cfg.data.template,
                          prompt_style=cfg.data.prompt_style)
-    summary = {"init_from": init_dir, "seconds_train": time.perf_counter() - t0}
+    summary = {"init_from": init_dir, **stage_seconds(cfg.run_dir)}
+    t_eval = time.perf_counter()
     if heldout:
         summary.update(stage_figures(model, tokenizer, tags, heldout, cfg, d))
-    summary["seconds"] = time.perf_counter() - t0
+    summary["seconds_eval"] = time.perf_counter() - t_eval  # the held-out evaluation
+    summary["seconds"] = time.perf_counter() - t0  # this run's wall clock for the stage, setup and export included
     if d.main:
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
