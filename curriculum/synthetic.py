@@ -1,6 +1,6 @@
-"""The CPU demo's task: short integer word problems (easy: 2 operations, hard: 3 or 4; mixed: either,
-drawn per problem), their parallel-format and plain solutions, and DEMO_WORDS, the vocabulary for `build_word_tokenizer` under
-which every question, solution and demo prompt encodes without `<unk>`."""
+"""The CPU demo's task: short integer word problems (easy: 2 operations, hard: 3 or 4; mixed: either, drawn
+per problem), their parallel-format and plain solutions, and DEMO_WORDS, the vocabulary for
+`build_word_tokenizer` under which every question, solution and demo prompt encodes without `<unk>`."""
 from __future__ import annotations
 
 import random

@@ -7,11 +7,33 @@ import sys
 
 import pytest
 
+from curriculum.config import load_config, pipeline_stages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ("accuracy", "accuracy_easy", "accuracy_hard", "parallel_ratio", "format_validity", "path_agreement",
            "mean_length")
 SECONDS = ("seconds_train", "seconds_sample", "seconds_eval", "seconds")  # the time breakdown, then the total
 PLOTS = ("reward_accuracy.png", "parallel_ratio.png", "response_length.png", "first_parallel_position.png")
+
+
+def test_demo_config_as_documented():
+    """configs/demo.yaml's sizes, which the README's table and timings are for: held-out sets of 200 easy and
+    200 hard problems (other seeds than training), SFT on easy problems only, the last RL stage on the mix."""
+    stages = {s.name: s for s in pipeline_stages(load_config("demo.yaml"))}
+    assert list(stages) == ["stage0", "stage1", "stage2"] and {s.variant for s in stages.values()} == {"causal"}
+    bench = stages["stage0"].eval.benchmarks
+    assert {n: (b["synthetic"]["difficulty"], b["synthetic"]["n"], b["samples"]) for n, b in bench.items()} == {
+        "easy": ("easy", 200, 1), "hard": ("hard", 200, 1)}
+    data = {name: s.data.synthetic for name, s in stages.items()}
+    assert [d["difficulty"] for d in data.values()] == ["easy", "easy", "mixed"]
+    assert data["stage0"]["solution"] == "parallel" and all(d["n"] == 6000 for d in data.values())
+    seeds = [d["seed"] for d in data.values()] + [b["synthetic"]["seed"] for b in bench.values()]
+    assert len(set(seeds)) == len(seeds)
+    s0, s1, s2 = stages.values()
+    assert (s0.sft.steps, s0.sft.batch_size, s1.grpo.steps, s2.grpo.steps) == (1200, 8, 30, 50)
+    assert s1.rollout.group_size == 8 and s1.grpo.prompts_per_step == 16
+    quick = {s.name: s for s in pipeline_stages(load_config("demo.yaml", quick=True))}
+    assert quick["stage0"].sft.steps == 8 and quick["stage2"].grpo.steps == 2 and quick["stage2"].eval.limit == 16
 
 
 def run_demo(tmp_path, *extra, timeout=300):
@@ -36,7 +58,7 @@ def test_quick_demo_writes_the_table_and_plots_and_reproduces(tmp_path, variant)
     assert "| stage2 |" in r.stdout and f"run directory: {tmp_path / 'demo'}" in r.stdout
     assert "| train s | sample s | eval s | time s |" in r.stdout
     note = "--quick: a smoke run at toy size; it checks that every stage runs, its figures mean nothing"
-    assert r.stdout.startswith(note) and r.stdout.rstrip().split("\n").count(note) == 2  # before the run, under the table
+    assert r.stdout.startswith(note) and r.stdout.split("\n").count(note) == 2  # before the run and under the table
     os.rename(tmp_path / "demo", tmp_path / "first")  # same seed, same table
     _, again = run_demo(tmp_path, "--quick", "--set", f"variant={variant}")
     for stage in ("stage0", "stage1", "stage2"):

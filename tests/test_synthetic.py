@@ -4,6 +4,7 @@ import statistics
 
 import pytest
 
+from curriculum.config import load_config, pipeline_stages
 from curriculum.data import load_examples, write_jsonl
 from curriculum.prompts import encode_prompt, format_prompt
 from curriculum.synthetic import (DEMO_INSTRUCTION, DEMO_PLAIN_INSTRUCTION, DEMO_WORDS, make_problems,
@@ -180,10 +181,12 @@ def test_lengths_are_short(dtok, sets):
     for name, v in table.items():
         print(f"{name:32s} min {min(v):4d} mean {statistics.mean(v):6.1f} max {max(v):4d}")
     assert max(table["easy question+parallel"]) <= 160 and min(table["easy question"]) >= 25
-    # configs/demo.yaml: sft.max_total_tokens 192, max_prompt_tokens 64, max_new_tokens 160; nothing is cut
-    assert max(table["easy chat prompt+parallel+eos"]) <= 192
-    assert max(table["hard chat prompt"]) <= 64
-    assert max(table["hard parallel solution + eos"]) <= 160  # a right hard solution fits the response limit
+    # configs/demo.yaml's limits, as they are today; nothing is cut
+    s0 = pipeline_stages(load_config("demo.yaml"))[0]
+    assert (s0.sft.max_total_tokens, s0.data.max_prompt_tokens, s0.rollout.max_new_tokens) == (192, 64, 160)
+    assert max(table["easy chat prompt+parallel+eos"]) <= s0.sft.max_total_tokens
+    assert max(table["hard chat prompt"]) <= s0.data.max_prompt_tokens
+    assert max(table["hard parallel solution + eos"]) <= s0.rollout.max_new_tokens  # a right hard solution fits
 
 
 def test_seeds_give_mostly_different_problems():
