@@ -12,6 +12,12 @@ import os
 import sys
 
 
+SIZE_NOTES = {None: None,  # said before the run and under its table
+              "quick": "--quick: a smoke run at toy size; it checks that every stage runs, its figures mean nothing",
+              "short": "--short: a shortened run; it shows the cold start learning the format, not what the full "
+                       "run's RL stages do to accuracy"}
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="run.py", description="Parallel-R1 training: SFT and GRPO stages, pipelines, "
                                  "the CPU demo. `run.py eval --help` for evaluation.")
@@ -24,7 +30,11 @@ def parse_args(argv):
     ap.add_argument("--world-size", type=int, help="dry run: ranks to plan memory for (a real run: torchrun's)")
     ap.add_argument("--device-memory", metavar="SIZE", help="dry run: plan for GPUs of SIZE (80GB = 80e9 bytes, "
                     "80GiB, or bytes; an H100 has 79.2GiB); default: the CUDA device found, else CPU (no fit check)")
-    ap.add_argument("--quick", action="store_true", help="apply the config's `quick:` block (a fast smoke run)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="apply the config's `quick:` block: a smoke run (the "
+                      "demo: about a minute) that checks the stages run; its figures mean nothing")
+    size.add_argument("--short", action="store_true", help="apply the config's `short:` block (the demo: about 3 "
+                      "minutes; the cold start learns the format, the accuracy figures are not the full run's)")
     return ap.parse_args(argv)
 
 
@@ -45,7 +55,8 @@ def main(argv=None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     try:  # every bad input, and a config that cannot fit in memory, stops here: before any work
-        cfg = load_config(args.config or os.path.join(CONFIG_DIR, "demo.yaml"), args.set, args.quick)
+        # the package's demo wherever the command runs (a relative default would follow the working directory)
+        cfg = load_config(args.config or os.path.join(CONFIG_DIR, "demo.yaml"), args.set, args.quick, args.short)
         stages = pipeline_stages(cfg)
         notes = preflight(cfg, world=world)
         device = parse_bytes(args.device_memory) if args.device_memory else run_device_bytes(cfg.model.device)
@@ -67,12 +78,13 @@ def main(argv=None) -> int:
         print(f"memory: {problem}", file=sys.stderr)
     if problem or args.dry_run:
         return 2 if problem else 0
-    return train(cfg, plans)
+    return train(cfg, plans, SIZE_NOTES["quick" if args.quick else "short" if args.short else None])
 
 
-def train(cfg, plans=()) -> int:
+def train(cfg, plans=(), note: str | None = None) -> int:
     """Run the validated config's stages (`plans`: stage_plans' (stage, plan) pairs, for each stage's opening
-    summary); user-caused failures found once work began end in one line."""
+    summary); user-caused failures found once work began end in one line. `note` (what --quick or --short
+    means) is printed before the run and under its table."""
     from curriculum.config import ConfigError
     from curriculum.console import setup_logging
     from curriculum.memory import plan_headline
@@ -85,10 +97,12 @@ def train(cfg, plans=()) -> int:
     from grpo.runlog import RunDirBusy
     d = init_distributed(cfg.model.device)
     setup_logging(d.rank)
+    if note and d.main:
+        print(note, flush=True)
     try:
         summaries = run_pipeline(cfg, d, {stage.name: plan_headline(plan) for stage, plan in plans})
         if d.main:
-            print_summary(cfg, summaries)
+            print_summary(cfg, summaries, note)
     except StopRequested as e:
         print(f"\n{e}", file=sys.stderr)
         return 130

@@ -216,6 +216,8 @@ class Config:
     init_from: str | None = None  # a model directory, or the name of an earlier stage of the pipeline
     stages: list = field(default_factory=list)  # pipeline: stage files or inline stage dicts, in order
     quick: dict = field(default_factory=dict)  # overrides applied by `run.py --quick`
+    short: dict = field(default_factory=dict)  # overrides applied by `run.py --short`
+    short: dict = field(default_factory=dict)  # overrides applied by `run.py --short`
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -383,20 +385,23 @@ def build_config(data: dict) -> Config:
     return cfg
 
 
-PIPELINE_ONLY = ("kind", "name", "stages", "quick", "run_dir")
+PIPELINE_ONLY = ("kind", "name", "stages", "quick", "short", "run_dir")
 
 
-def load_config(path: str, overrides: list | None = None, quick: bool = False) -> Config:
-    """Read a YAML config, apply `--quick` (its `quick:` block) and `--set` overrides, and validate every key's
-    type and range (curriculum.preflight checks the rules between keys and the files).
+def load_config(path: str, overrides: list | None = None, quick: bool = False, short: bool = False) -> Config:
+    """Read a YAML config, apply `--quick` or `--short` (its `quick:` / `short:` block) and `--set` overrides,
+    and validate every key's type and range (curriculum.preflight checks the rules between keys and the files).
 
     For a pipeline, every stage is resolved here into a full dict: the pipeline's own keys as shared
-    defaults, then the stage's keys, then `quick` and `--set` again, so `--set variant=structured`
+    defaults, then the stage's keys, then `quick` / `short` and `--set` again, so `--set variant=structured`
     reaches every stage even where a stage sets its variant.
     """
     path = resolve_config_path(path)
     data, here = read_yaml(path), os.path.dirname(path)
-    late = deep_merge((data.get("quick") or {}) if quick else {}, parse_overrides(overrides))
+    block = "quick" if quick else "short" if short else None
+    if block and not data.get(block):
+        raise ConfigError(f"--{block}: {path} has no '{block}:' block of overrides to apply")
+    late = deep_merge(data[block] if block else {}, parse_overrides(overrides))
     cfg = build_config(deep_merge(data, late))
     if cfg.kind == "pipeline":
         shared = _explicit({k: v for k, v in to_dict(cfg).items() if k not in PIPELINE_ONLY}, to_dict(Config()))

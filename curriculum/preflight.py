@@ -14,7 +14,7 @@ from rewards import RewardFunc, RewardFuncError, check_reward_func
 
 from .config import Config, ConfigError, benchmark_path, benchmark_specs, pipeline_stages, read_yaml
 from .data import FIELDS, DataError, Patterns, check_file, compile_pattern
-from .synthetic import DIFFICULTIES
+from .synthetic import DIFFICULTIES, MIXES
 
 PEEK_ROWS = 100  # data rows read at config time; the whole file is read when its stage starts
 SYNTHETIC_KEYS = ("difficulty", "n", "seed", "solution")  # curriculum.synthetic.make_problems' arguments
@@ -122,8 +122,9 @@ def check_synthetic(spec: dict, key: str) -> None:
     unknown = sorted(set(spec) - set(SYNTHETIC_KEYS))
     if unknown:
         raise ConfigError(f"{key}: unknown keys {unknown}; use {list(SYNTHETIC_KEYS)}")
-    if spec.get("difficulty") not in DIFFICULTIES:
-        raise ConfigError(f"{key}.difficulty: {spec.get('difficulty')!r}; choose one of {list(DIFFICULTIES)}")
+    if spec.get("difficulty") not in {**DIFFICULTIES, **MIXES}:
+        raise ConfigError(f"{key}.difficulty: {spec.get('difficulty')!r}; choose one of "
+                          f"{list(DIFFICULTIES) + list(MIXES)}")
     n = spec.get("n")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"{key}.n: {n!r}; give the number of problems (an int >= 1)")
@@ -251,7 +252,7 @@ def resolve_init(stage: Config, earlier: dict) -> str | None:
 # depend on them), the reward pool's size, checkpoint cadence, the end-of-stage evaluation (it runs after
 # training and reads the final model), the experiment trackers. Every other key changes the training, so it must
 # match.
-RUN_ONLY_KEYS = ("name", "run_dir", "quick", "model.device", "model.attn_implementation",
+RUN_ONLY_KEYS = ("name", "run_dir", "quick", "short", "model.device", "model.attn_implementation",
                  "model.gradient_checkpointing", "rollout.prefill_rows", "rollout.kv_cache_gb",
                  "rollout.kv_cache_fraction", "grpo.micro_batch_tokens", "grpo.logprob_chunk", "sft.micro_batch_tokens",
                  "sft.eval_every", "sft.eval_samples", "reward.workers", "checkpoint", "eval", "report")

@@ -137,17 +137,22 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            tokens, num_tokens = all_reduce(torch.stack([batch.attention_mask.sum(), batch.loss_mask.sum()])
-                                            .double().to(d.device)).tolist()
-            m = {"step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": num_tokens,
-                 "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            tokens, loss_tokens = all_reduce(torch.stack([batch.attention_mask.sum(), batch.loss_mask.sum()])
+                                             .double().to(d.device)).tolist()
+            state.tokens_seen += int(tokens)
+            t1 = time.perf_counter()
+            m = {"step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "loss_tokens": loss_tokens,
+                 "num_tokens": state.tokens_seen,
+                 "tokens_per_s": tokens / (t1 - t0), "time/update": t1 - t0}
             state.step, state.feed = step + 1, stream.state_dict()
             last = state.step == steps
             if state.step % every == 0 or last:
                 m["eval_loss"] = validation_loss(model, val_rows, cfg, d)
+                t2 = time.perf_counter()
                 m.update(format_figures(model, tokenizer, tags, val[: s.eval_samples][d.rank::d.world], cfg, d,
                                         should_stop=stop.asked,
                                         seed=cfg.seed + step, compute_dtype=compute_dtype))
+                m["time/eval_loss"], m["time/sample"] = t2 - t1, time.perf_counter() - t2  # the sampled format check
             if d.main:
                 append_metrics(run_dir, m)
                 trackers.log(m)

@@ -35,6 +35,7 @@ from .data import Patterns, PromptStream, load_examples, split_examples
 from .evaluate import load_benchmarks, stage_figures
 from .preflight import config_diff, flatten, resolve_init
 from .prompts import encode_prompts, example_prompt
+from .summary import stage_seconds
 from . import synthetic
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,12 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None, plan: "Plan | N
         train_grpo(cfg, model, tokenizer, tags, feed, cfg.run_dir, d, ref_model=ref, compute_dtype=compute)
     final = ckpt.export_model(final, model, tokenizer, d, cfg.run_dir, variant=cfg.variant,
                               template=cfg.data.template, prompt_style=cfg.data.prompt_style)
-    summary["seconds_train"] = time.perf_counter() - t0
+    summary.update(stage_seconds(cfg.run_dir))
+    t_eval = time.perf_counter()
     if heldout:
         summary.update(stage_figures(model, tokenizer, tags, heldout, cfg, d))
-    summary["seconds"] = time.perf_counter() - t0
+    summary["seconds_eval"] = time.perf_counter() - t_eval  # the held-out evaluation
+    summary["seconds"] = time.perf_counter() - t0  # this run's wall clock for the stage, setup and export included
     if d.main:
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -11,7 +11,8 @@ from .config import Config, pipeline_stages
 
 COLUMNS = (("accuracy", "acc"), ("accuracy_easy", "easy"), ("accuracy_hard", "hard"),
            ("parallel_ratio", "parallel"), ("format_validity", "format"), ("path_agreement", "agree"),
-           ("mean_length", "length"), ("seconds", "time s"))
+           ("mean_length", "length"), ("seconds_train", "train s"), ("seconds_sample", "sample s"),
+           ("seconds_eval", "eval s"), ("seconds", "time s"))
 
 
 def summary_table(summaries: dict) -> str:
@@ -24,9 +25,20 @@ def summary_table(summaries: dict) -> str:
         cells = []
         for key, _ in COLUMNS:
             v = s.get(key)
-            cells.append("-" if v is None else f"{v:.0f}" if key in ("seconds", "mean_length") else f"{v:.3f}")
+            cells.append("-" if v is None else f"{v:.0f}" if key.startswith("seconds") or key == "mean_length"
+                         else f"{v:.3f}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def stage_seconds(run_dir: str) -> dict:
+    """Where a stage's training time went, summed over the steps in its metrics.jsonl (every step of the
+    stage, also those run before a resume): seconds_sample (sampling inside training: GRPO rollouts, the SFT
+    format checks; the "time/sample" entries) and seconds_train (every other "time/" entry: updates, scoring,
+    old log-probs, validation loss)."""
+    times = [(k, v) for row in read_metrics(run_dir) for k, v in row.items() if k.startswith("time/") and v is not None]
+    sample = sum(v for k, v in times if k == "time/sample")
+    return {"seconds_train": sum(v for _, v in times) - sample, "seconds_sample": sample}
 
 
 FIGURES = {"reward_accuracy.png": ("reward and accuracy (training samples)", ["reward", "accuracy"]),
@@ -83,9 +95,10 @@ def plot_pipeline(cfg: Config) -> list[str]:
     return paths
 
 
-def print_summary(cfg: Config, summaries: dict) -> None:
-    """The table, the plots, and where everything is."""
-    table = summary_table(summaries)
+def print_summary(cfg: Config, summaries: dict, note: str | None = None) -> None:
+    """The table (and `note` under it, e.g. that a smoke run's figures mean nothing), the plots, and where
+    everything is."""
+    table = summary_table(summaries) + (f"\n\n{note}" if note else "")
     paths = plot_pipeline(cfg) if cfg.kind == "pipeline" else []
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, "summary.md"), "w") as f:

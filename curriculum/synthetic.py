@@ -1,6 +1,6 @@
-"""The CPU demo's task: short integer word problems (easy: 2 operations, hard: 3 or 4), their
-parallel-format and plain solutions, and DEMO_WORDS, the vocabulary for `build_word_tokenizer` under
-which every question, solution and demo prompt encodes without `<unk>`."""
+"""The CPU demo's task: short integer word problems (easy: 2 operations, hard: 3 or 4; mixed: either, drawn
+per problem), their parallel-format and plain solutions, and DEMO_WORDS, the vocabulary for
+`build_word_tokenizer` under which every question, solution and demo prompt encodes without `<unk>`."""
 from __future__ import annotations
 
 import random
@@ -18,6 +18,10 @@ EDIBLE = ("apples", "eggs", "cookies")
 GAIN_VERBS = ("buys", "finds", "gets")
 LOSS_VERBS = ("gives away", "loses", "sells")  # + "eats" for EDIBLE objects
 DIFFICULTIES = {"easy": (2,), "hard": (3, 4)}  # difficulty -> allowed numbers of operations
+# a mix -> the difficulties its problems are drawn from, one per problem with equal chances: the demo's last
+# RL stage trains on every difficulty (the paper's general-math stage), so it learns the hard problems
+# without unlearning the easy ones (trained on hard problems only, it lost 23 points of easy accuracy)
+MIXES = {"mixed": ("easy", "hard")}
 # difficulty -> (fewest, most) distractor clauses: a change to another object ("buys 3 pens"), which leaves
 # the asked count alone; at most MAX_CLAUSES clauses in all. Easy questions have 2 to 4 clauses, so the
 # cold start teaches one step per clause rather than "two steps, then stop" (trained on exactly two
@@ -88,14 +92,15 @@ def problem_answer(start: int, ops: list[list]) -> int:
 
 def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str | None = None) -> list[Example]:
     """`n` distinct problems, deterministic in (difficulty, seed); different seeds give mostly
-    different problems. meta = {"difficulty", "start", "ops"}: ops lists the question's clauses in order,
+    different problems. A mix (MIXES) draws each problem's difficulty in turn, and its meta says which.
+    meta = {"difficulty", "start", "ops"}: ops lists the question's clauses in order,
     [sign, amount, verb] for an operation ("+" or "-") and ["0", amount, verb, object] for a distractor.
 
     exclude: examples (e.g. a held-out test set) whose numbers (start and ops) must not recur here.
     solution: None, "parallel" or "plain" fills `Example.solution` with that target.
     """
-    if difficulty not in DIFFICULTIES:
-        raise ValueError(f"unknown difficulty {difficulty!r}; valid: {list(DIFFICULTIES)}")
+    if difficulty not in DIFFICULTIES and difficulty not in MIXES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; valid: {list(DIFFICULTIES) + list(MIXES)}")
     if solution not in (None, "parallel", "plain"):
         raise ValueError(f"solution={solution!r}; valid: None, 'parallel', 'plain'")
     rng = random.Random(f"synthetic-{difficulty}-{seed}")  # str seeds are stable across runs
@@ -104,13 +109,14 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
     for _ in range(50 * n + 1000):
         if len(out) == n:
             break
+        level = rng.choice(MIXES[difficulty]) if difficulty in MIXES else difficulty
         name, obj = rng.choice(sorted(NAMES)), rng.choice(OBJECTS)
         start = rng.randint(*START)
-        ops = _draw_ops(rng, start, rng.choice(DIFFICULTIES[difficulty]), obj)
-        fewest, most = DISTRACTORS[difficulty]
+        ops = _draw_ops(rng, start, rng.choice(DIFFICULTIES[level]), obj)
+        fewest, most = DISTRACTORS[level]
         if most:
             ops = _add_distractors(rng, ops, obj, min(rng.randint(fewest, most), MAX_CLAUSES - len(ops)))
-        meta = {"difficulty": difficulty, "start": start, "ops": ops}
+        meta = {"difficulty": level, "start": start, "ops": ops}
         question = _question(name, obj, start, ops)
         if question in seen or _signature(meta) in banned:
             continue

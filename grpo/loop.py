@@ -25,6 +25,7 @@ class TrainState:
     step: int = 0
     bad_in_a_row: int = 0
     skipped: int = 0
+    tokens_seen: int = 0  # prompt and completion tokens of every step so far, all ranks (TRL's num_tokens)
     feed: dict = field(default_factory=dict)
 
 

@@ -153,8 +153,10 @@ def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sch
             update_metrics.append(_update(model, opt, sched, part, cfg, d, state))
     t4 = time.perf_counter()
     # 6. metrics of the step, over all ranks
-    return _step_metrics(step, rollout, batch, texts, scores, rewards, update_metrics, G, d,
-                         {"sample": t1 - t0, "reward": t2 - t1, "old_ref": t3 - t2, "update": t4 - t3})
+    m = _step_metrics(step, rollout, batch, texts, scores, rewards, update_metrics, G, d,
+                      {"sample": t1 - t0, "reward": t2 - t1, "old_ref": t3 - t2, "update": t4 - t3}, state.tokens_seen)
+    state.tokens_seen = int(m["num_tokens"])
+    return m
 
 
 def reward_inputs(items, texts: list[str], rollout, G: int, steps: int, extras: bool) -> RewardInputs:
@@ -196,6 +198,9 @@ def accumulate_gradients(model, batch: TrainBatch, cfg, d: Dist) -> dict | None:
     num_tokens, num_seqs = all_reduce(counts.to(d.device)).tolist()  # num_seqs: rows with a loss token
     if num_tokens == 0:
         return None
+    live = (batch.loss_mask.sum(1) > 0).nonzero()[:, 0].tolist()  # rows with a loss token
+    if 0 < len(live) < batch.input_ids.shape[0]:  # the rest add nothing, to the loss or to the metrics: not run
+        batch = batch.select(live)  # (filter_zero_std skips up to half the rows of an easy batch)
     totals: dict = {}
     for mb, _, weight in aligned_micro_batches(batch, g.micro_batch_tokens, d.device):
         logp, entropy = micro_batch_logprobs(model, mb, d.device, temperature=cfg.rollout.temperature,
@@ -209,8 +214,8 @@ def accumulate_gradients(model, batch: TrainBatch, cfg, d: Dist) -> dict | None:
         # FSDP averages gradients over ranks; the loss is already a global mean, so undo the average
         (loss * weight * d.world).backward()
         diff = ((logp.detach() - mb.sampler_logp).abs() * mb.loss_mask).float()
-        m["sampler_logp_diff/mean"] = diff.sum() / num_tokens
-        m["sampler_logp_diff/max"] = diff.max()
+        m["sampling/sampling_logp_difference/mean"] = diff.sum() / num_tokens
+        m["sampling/sampling_logp_difference/max"] = diff.max()
         for k, v in m.items():
             if k.endswith("/max"):
                 totals[k] = max(totals.get(k, 0.0), float(v) * weight)
@@ -272,7 +277,7 @@ def reward_func_metrics(per_func: dict, d: Dist) -> dict:
     return out
 
 
-def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, times) -> dict:
+def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, times, seen: int = 0) -> dict:
     """Step metrics summed over ranks (TRL's names where one exists). `updates`: each update's metrics, None
     for an update without loss tokens; a step in which no update ran logs no_update 1 and leaves out what only
     an update measures (loss, entropy, clip ratios, grad_norm, learning_rate, ...)."""
@@ -288,8 +293,9 @@ def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, t
         float(lengths.sum()), len(texts) - int(stopped.sum()), frac_zero_std(rewards, G) * len(texts) / G,
         sum(first), len(first), float(rollout.response_mask.sum()), scores.timeouts, scores.errors,
         float(batch.loss_mask.sum()), float(lengths[stopped].sum()), float(stopped.sum()),
+        float(batch.attention_mask.sum()),  # prompt and completion tokens
     ], dtype=torch.float64, device=d.device)
-    n, rs, rs2, acc, n_acc, par, wf, ln, cut, zs, fp, nf, tok, to, err, loss_tok, stop_ln, n_stop = \
+    n, rs, rs2, acc, n_acc, par, wf, ln, cut, zs, fp, nf, tok, to, err, loss_tok, stop_ln, n_stop, seq_tok = \
         all_reduce(local).tolist()
     max_len, neg_min_len = all_reduce(torch.stack([lengths.max(), -lengths.min()]).to(d.device), op="max").tolist()
     mean = rs / n
@@ -299,7 +305,7 @@ def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, t
            "completions/max_length": max_len, "completions/clipped_ratio": cut / n,
            "completions/mean_terminated_length": stop_ln / n_stop if n_stop else None,
            "frac_reward_zero_std": zs / (n / G), "first_block_position": fp / nf if nf else None,
-           "reward/timeouts": to, "reward/errors": err, "num_tokens": loss_tok,
+           "reward/timeouts": to, "reward/errors": err, "loss_tokens": loss_tok, "num_tokens": seen + seq_tok,
            **reward_func_metrics(scores.per_func, d)}
     ran = [u for u in updates if u is not None]
     out["no_update"] = float(not ran)

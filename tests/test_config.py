@@ -83,13 +83,19 @@ def test_missing_files_are_named(tmp_path):
 def test_pipeline_overrides_reach_every_stage(tmp_path):
     (tmp_path / "p.yaml").write_text(
         "kind: pipeline\nrun_dir: R\nvariant: causal\nmodel: {build: {hidden_size: 8}}\n"
-        "quick: {grpo: {steps: 2}}\n"
+        "quick: {grpo: {steps: 2}}\nshort: {grpo: {steps: 20}, sft: {steps: 30}}\n"
         "stages:\n  - {name: a, kind: sft, data: {synthetic: {n: 1}}}\n"
         "  - {name: b, kind: grpo, init_from: a, variant: causal, grpo: {steps: 50}, data: {synthetic: {n: 1}}}\n")
     stages = pipeline_stages(load_config(str(tmp_path / "p.yaml"), ["variant=structured"], quick=True))
     assert [s.variant for s in stages] == ["structured", "structured"]  # --set wins over the stage's own key
     assert stages[1].grpo.steps == 2 and stages[1].run_dir == os.path.join("R", "b")
     assert stages[0].model.build == {"hidden_size": 8}  # shared keys reach the stages
+    short = pipeline_stages(load_config(str(tmp_path / "p.yaml"), ["sft.steps=40"], short=True))
+    assert (short[0].sft.steps, short[1].grpo.steps) == (40, 20)  # the short block, then --set
+    assert pipeline_stages(load_config(str(tmp_path / "p.yaml")))[1].grpo.steps == 50
+    with pytest.raises(ConfigError, match=r"--short: \S+c.yaml has no 'short:' block"):
+        (tmp_path / "c.yaml").write_text("kind: grpo\nmodel: {build: {hidden_size: 8}}\ndata: {synthetic: {n: 1}}\n")
+        load_config(str(tmp_path / "c.yaml"), short=True)
     (tmp_path / "bad.yaml").write_text("kind: pipeline\nstages: [{name: a, grpo: {clip_hihg: 1}}]\n")
     with pytest.raises(ConfigError, match=r"stages\[0\] \(a\): unknown config key 'grpo.clip_hihg'"):
         load_config(str(tmp_path / "bad.yaml"))
@@ -216,7 +222,7 @@ def test_value_ranges_are_refused_when_read(override, match):
 @pytest.mark.parametrize("overrides, world, match", [
     (["grpo.prompts_per_step=12", "grpo.mini_batch_prompts=8"], 1, r"stage1: grpo.prompts_per_step=12 must be a "
      r"multiple of grpo.mini_batch_prompts=8"),
-    ([], 3, r"stage0: sft.batch_size=64 must be a multiple of the world size 3"),
+    ([], 3, r"stage0: sft.batch_size=8 must be a multiple of the world size 3"),
     (["sft.batch_size=6"], 3, r"stage1: grpo.prompts_per_step=16 must be a multiple of the world size 3"),
     (["rollout.temperature=0"], 1, r"stage1: rollout.temperature: 0 \(greedy\)"),
     (["optim.betas=[0.9, 1.0]"], 1, r"optim.betas: \[0.9, 1.0\]; give two numbers in \[0, 1\)"),

@@ -138,7 +138,7 @@ def test_gradients_split_over_ranks_and_micro_batches(runs, kind, case):
     for k, g in one["grads"].items():
         assert torch.allclose(g, two["grads"][k], atol=1e-6, rtol=1e-5), (k, (g - two["grads"][k]).abs().max())
     assert max(g.abs().max() for g in one["grads"].values()) > 1e-4  # a real gradient
-    for k in ("policy_loss", "clip_ratio/low_mean", "entropy", "approx_kl", "sampler_logp_diff/mean"):
+    for k in ("policy_loss", "clip_ratio/low_mean", "entropy", "approx_kl", "sampling/sampling_logp_difference/mean"):
         assert abs(one["metrics"][k] - two["metrics"][k]) < 1e-5, k
     assert facts(runs / f"{kind}-{case}")["activation_checkpointing"] == (case == "activation-checkpointing")
     counts = [facts(runs / f"{kind}-{case}", r)["micro_batches"] for r in (0, 1)]
@@ -163,7 +163,7 @@ def test_two_ranks_match_one_process(runs, case, tok, tags):
             if ra.get(k) is not None:
                 assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
         if case != "kl":  # one update per step: the replayed samples are on-policy for the sharded model
-            assert rb["sampler_logp_diff/max"] < 1e-4
+            assert rb["sampling/sampling_logp_difference/max"] < 1e-4
     assert facts(two)["sharded"] and facts(two, 1)["sharded"]  # really FSDP: DTensor parameters
     # the live sharded model gives the logits of the 1-process one
     assert torch.allclose(torch.load(one / "logits.pt"), torch.load(two / "logits.pt"), atol=1e-4)
@@ -188,13 +188,13 @@ def test_sampling_with_different_lengths_per_rank(runs):
     assert len(steps0) == len(steps1) == STEPS and steps0 != steps1
     rows = metrics(runs / "sample")
     assert [r["step"] for r in rows] == list(range(STEPS))
-    assert max(r["sampler_logp_diff/max"] for r in rows) < 1e-4
+    assert max(r["sampling/sampling_logp_difference/max"] for r in rows) < 1e-4
 
 
 def test_structured_sampling_under_fsdp(runs):
     rows = metrics(runs / "sample_structured")
     assert [r["step"] for r in rows] == list(range(STEPS))
-    assert max(r["sampler_logp_diff/max"] for r in rows) < 1e-4
+    assert max(r["sampling/sampling_logp_difference/max"] for r in rows) < 1e-4
     assert sum(sum(facts(runs / "sample_structured", r)["blocks"]) for r in (0, 1)) > 0  # paths were sampled
 
 

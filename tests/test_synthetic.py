@@ -4,10 +4,11 @@ import statistics
 
 import pytest
 
+from curriculum.config import load_config, pipeline_stages
 from curriculum.data import load_examples, write_jsonl
 from curriculum.prompts import encode_prompt, format_prompt
 from curriculum.synthetic import (DEMO_INSTRUCTION, DEMO_PLAIN_INSTRUCTION, DEMO_WORDS, make_problems,
-                                  parallel_solution, plain_solution)
+                                  parallel_solution, plain_solution, synthetic_sets)
 from model import add_tag_tokens, build_structure
 from model.tokenizer import build_word_tokenizer
 
@@ -65,6 +66,30 @@ def test_difficulty_sets_number_of_ops(sets):
     mixes = {tuple(s for s, *_ in operations(e.meta)) for e in sets["easy"]}
     assert mixes == {("+", "+"), ("+", "-"), ("-", "+"), ("-", "-")}  # every mix of two gains and losses
     assert all(e.meta["difficulty"] == d for d, exs in sets.items() for e in exs)
+
+
+def test_mixed_draws_each_problem_easy_or_hard():
+    """The demo's last RL stage trains on a mix: each problem is an easy or a hard one, drawn in turn with
+    equal chances, built as that difficulty builds it; held-out problems stay out as for the others."""
+    mixed = make_problems(1000, "mixed", seed=3)
+    levels = [e.meta["difficulty"] for e in mixed]
+    assert set(levels) == {"easy", "hard"} and 450 <= levels.count("easy") <= 550  # 1000 fair coins: +/- 5 sd
+    assert max(len(run) for run in "".join(lv[0] for lv in levels).split("h")) < 15  # interleaved, not in blocks
+    for e in mixed:
+        n_ops, n_clauses = len(operations(e.meta)), len(e.meta["ops"])
+        assert n_ops == 2 and 2 <= n_clauses <= 4 if e.meta["difficulty"] == "easy" else \
+            n_ops in (3, 4) and n_clauses - n_ops in (0, 1) and n_clauses <= 4
+        assert e.answer == str(running_values(e.meta)[-1]) and e.id.startswith("mixed-3-")
+    assert make_problems(1000, "mixed", seed=3) == mixed and make_problems(100, "mixed", seed=4) != mixed[:100]
+    heldout = make_problems(200, "easy", seed=1001) + make_problems(200, "hard", seed=1002)
+    def numbers(examples):  # what exclude compares: the start and the signed amounts, not the words
+        return {(e.meta["start"], tuple((sign, k) for sign, k, *_ in e.meta["ops"])) for e in examples}
+
+    assert numbers(heldout) & numbers(mixed)  # without exclude, some held-out problems recur
+    train = synthetic_sets({"difficulty": "mixed", "n": 1000, "seed": 3}, exclude=heldout)
+    assert not numbers(heldout) & numbers(train)
+    with pytest.raises(ValueError, match="valid: \\['easy', 'hard', 'mixed'\\]"):
+        make_problems(3, "medium", seed=0)
 
 
 def test_answers_recompute_and_stay_non_negative(sets):
@@ -156,10 +181,12 @@ def test_lengths_are_short(dtok, sets):
     for name, v in table.items():
         print(f"{name:32s} min {min(v):4d} mean {statistics.mean(v):6.1f} max {max(v):4d}")
     assert max(table["easy question+parallel"]) <= 160 and min(table["easy question"]) >= 25
-    # configs/demo.yaml: sft.max_total_tokens 192, max_prompt_tokens 64, max_new_tokens 160; nothing is cut
-    assert max(table["easy chat prompt+parallel+eos"]) <= 192
-    assert max(table["hard chat prompt"]) <= 64
-    assert max(table["hard parallel solution + eos"]) <= 160  # a right hard solution fits the response limit
+    # configs/demo.yaml's limits, as they are today; nothing is cut
+    s0 = pipeline_stages(load_config("demo.yaml"))[0]
+    assert (s0.sft.max_total_tokens, s0.data.max_prompt_tokens, s0.rollout.max_new_tokens) == (192, 64, 160)
+    assert max(table["easy chat prompt+parallel+eos"]) <= s0.sft.max_total_tokens
+    assert max(table["hard chat prompt"]) <= s0.data.max_prompt_tokens
+    assert max(table["hard parallel solution + eos"]) <= s0.rollout.max_new_tokens  # a right hard solution fits
 
 
 def test_seeds_give_mostly_different_problems():

@@ -87,15 +87,15 @@ def test_toy_reward_rises(tok, tags, tmp_path, variant):
     assert len(rows) == 30 and [r["step"] for r in rows] == list(range(30))
     first, last = sum(r["reward"] for r in rows[:5]) / 5, sum(r["reward"] for r in rows[-5:]) / 5
     assert last > first + 0.5, (first, last)
-    assert max(r["sampler_logp_diff/max"] for r in rows) < 1e-4  # on-policy all along
+    assert max(r["sampling/sampling_logp_difference/max"] for r in rows) < 1e-4  # on-policy all along
     for key in ("accuracy", "reward_std", "parallel_ratio", "completions/mean_length", "completions/clipped_ratio",
                 "completions/min_length", "completions/max_length", "frac_reward_zero_std", "clip_ratio/low_mean",
                 "clip_ratio/high_mean", "entropy", "grad_norm", "learning_rate", "time/sample", "time/reward",
                 "time/update", "tokens_per_s", "approx_kl", "loss", "policy_loss", "reward/timeouts", "reward/errors"):
         assert key in rows[-1], key
     assert "reward_timeouts" not in rows[-1]
-    for r in rows:
-        assert r["no_update"] == 0 and r["num_tokens"] > 0
+    for before, r in zip([{"num_tokens": 0}] + rows, rows):  # num_tokens: prompt + completion tokens so far (TRL's)
+        assert r["no_update"] == 0 and r["num_tokens"] > before["num_tokens"] + r["loss_tokens"] > before["num_tokens"]
         assert r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"]
         if r["completions/clipped_ratio"] < 1:  # some responses ended with a stop token
             assert 0 < r["completions/mean_terminated_length"] <= r["completions/max_length"]
@@ -148,7 +148,7 @@ def test_structured_batch_trains_with_the_structure(tok, tags):
     batch = rollout_batch(tok, model, structured=True, tags=tags, seed=1)  # a seed with mixed lengths
     cfg = toy_config(variant="structured")
     m = accumulate_gradients(model.train(), batch, cfg, Dist())
-    assert m["sampler_logp_diff/max"] < 1e-4
+    assert m["sampling/sampling_logp_difference/max"] < 1e-4
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tok, tags, tmp_path, caplog):
@@ -201,7 +201,7 @@ class ConstantReward:
 
 
 def test_a_step_with_every_group_filtered_updates_nothing(tok, tags, tmp_path):
-    """filter_zero_std drops every group: the step logs num_tokens 0 and no_update 1, leaves out what only an
+    """filter_zero_std drops every group: the step logs loss_tokens 0 and no_update 1, leaves out what only an
     update measures, and the weights stay put (AdamW's weight decay would still move them)."""
     cfg = toy_config(grpo={"steps": 2, "filter_zero_std": True}, optim={"lr": 1e-2, "weight_decay": 0.1})
     model = tiny(tok)
@@ -209,9 +209,10 @@ def test_a_step_with_every_group_filtered_updates_nothing(tok, tags, tmp_path):
     train_grpo(cfg, model, tok, tags, toy_feed(tok), str(tmp_path), Dist(), reward_fn=ConstantReward())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [(r["num_tokens"], r["no_update"], r["frac_reward_zero_std"]) for r in rows] == [(0, 1, 1)] * 2
+    assert [(r["loss_tokens"], r["no_update"], r["frac_reward_zero_std"]) for r in rows] == [(0, 1, 1)] * 2
+    assert 0 < rows[0]["num_tokens"] < rows[1]["num_tokens"]  # the samples were still seen
     for key in ("loss", "policy_loss", "entropy", "grad_norm", "learning_rate", "skipped_update",
-                "clip_ratio/low_mean", "approx_kl", "sampler_logp_diff/max"):
+                "clip_ratio/low_mean", "approx_kl", "sampling/sampling_logp_difference/max"):
         assert key not in rows[0], key
 
 
@@ -262,14 +263,16 @@ def test_rows_without_loss_tokens_do_not_dilute_the_gradient(tok, agg_mode):
     six = batch.select(range(6))
     six = replace(six, loss_mask=six.loss_mask * torch.tensor([1, 1, 1, 0, 0, 0])[:, None])
     cfg = toy_config(grpo={"agg_mode": agg_mode})
-    grads = []
+    grads, rows_run = [], []
     for part in (batch.select(range(3)), six):
         m = copy.deepcopy(model).train()
+        m.model.embed_tokens.register_forward_pre_hook(lambda _, args: rows_run.append(args[0].shape[0]))
         accumulate_gradients(m, part, cfg, Dist())
         grads.append([p.grad for p in m.parameters()])
     # fp32 rounding of other padding widths: ~4e-7 here; diluting by 3/6 would halve the seq-mean gradients
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(*grads))
     assert max(g.abs().max() for g in grads[0]) > 1e-4  # a real gradient
+    assert rows_run == [3, 3]  # the three masked rows are never run
 
 
 def test_row_logprobs_do_not_depend_on_left_padding(tok):
