@@ -13,7 +13,8 @@ import yaml
 from curriculum import report
 from curriculum.data import Example
 from curriculum.evaluate import (EvalError, cli, config_kwargs, eval_config, evaluate, explicit_prompt_keys,
-                                 prompt_settings, resolve_model, sample_and_score)
+                                 sample_and_score)
+from curriculum.models import prompt_settings, resolve_model
 from model import build_model, save_model
 from model.tokenizer import BASIC_WORDS, build_word_tokenizer
 from rewards import extract_answer, is_equivalent
