@@ -23,7 +23,7 @@ def test_demo_config_as_documented():
     assert list(stages) == ["stage0", "stage1", "stage2"] and {s.variant for s in stages.values()} == {"causal"}
     bench = stages["stage0"].eval.benchmarks
     assert {n: (b["synthetic"]["difficulty"], b["synthetic"]["n"], b["samples"]) for n, b in bench.items()} == {
-        "easy": ("easy", 200, 1), "hard": ("hard", 200, 1)}
+        "easy": ("easy", 200, 4), "hard": ("hard", 200, 4)}
     data = {name: s.data.synthetic for name, s in stages.items()}
     assert [d["difficulty"] for d in data.values()] == ["easy", "easy", "mixed"]
     assert data["stage0"]["solution"] == "parallel" and all(d["n"] == 6000 for d in data.values())
@@ -31,9 +31,12 @@ def test_demo_config_as_documented():
     assert len(set(seeds)) == len(seeds)
     s0, s1, s2 = stages.values()
     assert (s0.sft.steps, s0.sft.batch_size, s1.grpo.steps, s2.grpo.steps) == (1200, 8, 30, 50)
-    assert s1.rollout.group_size == 8 and s1.grpo.prompts_per_step == 16
+    assert s1.rollout.group_size == 8 and (s1.grpo.prompts_per_step, s2.grpo.prompts_per_step) == (16, 32)
     quick = {s.name: s for s in pipeline_stages(load_config("demo.yaml", quick=True))}
     assert quick["stage0"].sft.steps == 8 and quick["stage2"].grpo.steps == 2 and quick["stage2"].eval.limit == 16
+    assert [b["samples"] for b in quick["stage2"].eval.benchmarks.values()] == [1, 1]
+    short = {s.name: s for s in pipeline_stages(load_config("demo.yaml", short=True))}
+    assert (short["stage0"].sft.steps, short["stage1"].grpo.steps, short["stage2"].grpo.steps) == (400, 10, 10)
 
 
 def run_demo(tmp_path, *extra, timeout=300):
