@@ -41,12 +41,14 @@ def stage_seconds(run_dir: str) -> dict:
     return {"seconds_train": sum(v for _, v in times) - sample, "seconds_sample": sample}
 
 
-FIGURES = {"reward_accuracy.png": ("reward and accuracy (training samples)", ["reward", "accuracy"]),
+# file -> (title, metric keys, y range or None)
+FIGURES = {"reward_accuracy.png": ("reward and accuracy (training samples)", ["reward", "accuracy"], None),
            "parallel_ratio.png": ("parallel ratio / format validity", ["parallel_ratio", "well_formed",
-                                                                       "format_validity"]),
-           "response_length.png": ("response length (tokens)", ["completions/mean_length"]),
-           "first_parallel_position.png": ("relative position of the first <Parallel>", ["first_block_position"]),
-           "sft_loss.png": ("SFT loss", ["loss", "eval_loss"])}
+                                                                       "format_validity"], None),
+           "response_length.png": ("response length (tokens)", ["completions/mean_length"], None),
+           "first_parallel_position.png": ("relative position of the first <Parallel>", ["first_block_position"],
+                                           (-0.02, 1.02)),  # 0 = the response opens with it, 1 = at its end
+           "sft_loss.png": ("SFT loss", ["loss", "eval_loss"], None)}
 
 
 def pipeline_curves(cfg: Config) -> tuple[dict, list]:
@@ -72,7 +74,7 @@ def plot_pipeline(cfg: Config) -> list[str]:
     written (one left by an earlier run is removed)."""
     curves, spans = pipeline_curves(cfg)
     paths = []
-    for name, (title, keys) in FIGURES.items():
+    for name, (title, keys, ylim) in FIGURES.items():
         path = os.path.join(cfg.run_dir, name)
         drawn = {k: curves[k] for k in keys if k in curves}
         if not drawn:
@@ -82,13 +84,19 @@ def plot_pipeline(cfg: Config) -> list[str]:
         fig, ax = pyplot().subplots(figsize=(6.4, 3.6))
         draw_panel(ax, {k: list(by_stage.values()) for k, by_stage in drawn.items()}, title)
         shown = [span for span in spans if any(span[2] in by_stage for by_stage in drawn.values())]
+        width, last_x, level = max(shown[-1][1] - shown[0][0], 1), None, 0
         for first, last, stage in shown:
             if first > shown[0][0]:  # a dashed line where each later stage starts
                 ax.axvline(first - 0.5, color="grey", lw=0.8, ls="--")
-            ax.text((first + last) / 2, 1.01, stage, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+            x = (first + last) / 2  # a name too close to the one before it (a short stage) goes one line up
+            level = 1 - level if last_x is not None and x - last_x < 0.1 * width else 0
+            ax.text(x, 1.01 + 0.06 * level, stage, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                     fontsize=7, color="grey")
+            last_x = x
         ax.set_xlim(shown[0][0] - 0.5, shown[-1][1] + 0.5)
-        ax.set_title(title, fontsize=10, pad=14)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_title(title, fontsize=10, pad=22 if len(shown) > 1 else 14)
         ax.set_xlabel("step (all stages)")
         fig.tight_layout()
         paths.append(save_figure(fig, path))

@@ -18,10 +18,10 @@ EDIBLE = ("apples", "eggs", "cookies")
 GAIN_VERBS = ("buys", "finds", "gets")
 LOSS_VERBS = ("gives away", "loses", "sells")  # + "eats" for EDIBLE objects
 DIFFICULTIES = {"easy": (2,), "hard": (3, 4)}  # difficulty -> allowed numbers of operations
-# a mix -> the difficulties its problems are drawn from, one per problem with equal chances: the demo's last
-# RL stage trains on every difficulty (the paper's general-math stage), so it learns the hard problems
+# a mix -> the difficulties its problems are drawn from, one entry per problem with equal chances: the demo's
+# last RL stage trains on every difficulty (the paper's general-math stage), so it learns the hard problems
 # without unlearning the easy ones (trained on hard problems only, it lost 23 points of easy accuracy)
-MIXES = {"mixed": ("easy", "hard")}
+MIXES = {"mixed": ("easy", "hard"), "mixed_hard": ("easy", "hard", "hard")}  # mixed_hard: one easy in three
 # difficulty -> (fewest, most) distractor clauses: a change to another object ("buys 3 pens"), which leaves
 # the asked count alone; at most MAX_CLAUSES clauses in all. Easy questions have 2 to 4 clauses, so the
 # cold start teaches one step per clause rather than "two steps, then stop" (trained on exactly two

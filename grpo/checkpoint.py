@@ -74,7 +74,7 @@ def save(run_dir, model, opt, sched, state, d: Dist, tokenizer=None, *, config: 
 
 def export_model(path: str, model, tokenizer, d: Dist, run_dir: str, **export) -> str:
     """`path` (a stage's final/): the model as an HF directory with its tokenizer and a manifest, written
-    under `path.tmp` and renamed. `export`: save_model's keyword arguments (variant, template, prompt_style).
+    under `path.tmp` and renamed. `export`: save_model's keyword arguments (variant, template, prompt_style, instruction).
     A collective; CheckpointError as `save`."""
     tmp = path + ".tmp"
     full = model_state_dict(model)  # a collective under FSDP
@@ -111,7 +111,8 @@ def _fresh_dir(path: str) -> None:
 
 def _write_rank0_files(tmp, model, full, tokenizer, trainer: dict, config: dict) -> None:
     save_model(os.path.join(tmp, "model"), model.config, full, tokenizer, variant=config["variant"],
-               template=config["data"]["template"], prompt_style=config["data"]["prompt_style"])
+               template=config["data"]["template"], prompt_style=config["data"]["prompt_style"],
+               instruction=config["data"].get("instruction"))
     with open(os.path.join(tmp, "trainer.json"), "w") as f:
         json.dump(trainer, f)
     with open(os.path.join(tmp, "config.yaml"), "w") as f:

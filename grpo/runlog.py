@@ -77,9 +77,9 @@ def draw_panel(ax, series: dict, title: str, first_colour: int = 0) -> int:
 
     for i, (key, segments) in enumerate(series.items()):
         colour = COLOURS[(first_colour + i) % len(COLOURS)]
-        marker = "o" if sum(map(len, segments)) < FEW_POINTS else None
-        for j, points in enumerate(segments):
-            ax.plot(*zip(*points), color=colour, marker=marker, ms=3.5, lw=1.2, label=None if j else key)
+        for j, points in enumerate(segments):  # markers where a segment (a stage's part) has few points
+            ax.plot(*zip(*points), color=colour, marker="o" if len(points) < FEW_POINTS else None, ms=3.5, lw=1.2,
+                    label=None if j else key)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(" / ".join(dict.fromkeys(UNITS.get(k, k) for k in series)), fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps; one alone still gets its tick

@@ -151,7 +151,8 @@ def check_tokenizer_fits(model, tokenizer, path: str = "") -> None:
 
 
 def save_model(out_dir: str, config: Qwen3Config, state_dict: dict, tokenizer=None, *, dtype=None,
-               variant: str | None = None, template: str | None = None, prompt_style: str | None = None) -> None:
+               variant: str | None = None, template: str | None = None, prompt_style: str | None = None,
+               instruction: str | None = None) -> None:
     """Write an HF directory: config.json, safetensors (sharded above 4 GiB, with an index),
     generation_config.json [+ the tokenizer].
 
@@ -160,7 +161,7 @@ def save_model(out_dir: str, config: Qwen3Config, state_dict: dict, tokenizer=No
     in `dtype`, by default `config.dtype`: the dtype load_model found on disk or build_model built in
     (a bf16 Qwen3 comes back bf16), else the state dict's own. config.json gets `use_cache: true`, and
     with `variant` a `parallel_r1` entry {variant, tags (text -> id, from the tokenizer), template,
-    prompt_style} that parallel-r1 reads back (load_for_inference, evaluation) and transformers ignores.
+    prompt_style, instruction (when one was set)} that parallel-r1 reads back (load_for_inference, evaluation) and transformers ignores.
     generation_config.json is copied from the directory the model was loaded from when it has one,
     else written from the tokenizer's stop and pad ids.
     """
@@ -174,7 +175,7 @@ def save_model(out_dir: str, config: Qwen3Config, state_dict: dict, tokenizer=No
     config.dtype = str(dtype).removeprefix("torch.")
     config.use_cache = True  # training turns it off; generation with the export wants its KV cache
     if variant is not None:
-        info = {"variant": variant, "template": template, "prompt_style": prompt_style}
+        info = {"variant": variant, "template": template, "prompt_style": prompt_style, "instruction": instruction}
         if tokenizer is not None:
             info["tags"] = add_tag_tokens(tokenizer).as_dict()
         config.parallel_r1 = {k: v for k, v in info.items() if v is not None}
@@ -227,7 +228,7 @@ def _write_generation_config(out_dir: str, config: Qwen3Config, tokenizer=None) 
 
 def export_info(path: str) -> dict:
     """The `parallel_r1` entry of a model directory's config.json ({} for a model not written by save_model
-    with a variant): variant, tags, and the template / prompt_style it was trained with."""
+    with a variant): variant, tags, and the template / prompt_style / instruction it was trained with."""
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f).get("parallel_r1") or {}
 

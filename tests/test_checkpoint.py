@@ -379,12 +379,13 @@ def test_ctrl_c_under_torchrun_mid_rollout_saves_the_last_step_at_once(tmp_path)
     for r in (0, 1):
         wait_for(tmp_path / "cut" / f"sampling-rank{r}", proc, str(tmp_path))
     os.killpg(proc.pid, signal.SIGINT)
-    code = finish(proc, str(tmp_path), timeout=60)
+    code = finish(proc, str(tmp_path), timeout=300)  # generous: only a hang may fail here, not a busy machine
     assert code != 0, code  # torchrun reports the interruption
     for rank in (0, 1):
         assert "stopped while sampling step 3, which was dropped; checkpoint of step 2" in stopped(tmp_path / "cut",
                                                                                                 rank)
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step-2"]
     assert [r["step"] for r in metrics(tmp_path / "cut")] == [0, 1]
-    run([spec(tmp_path / "cut", resume="auto", every=0), spec(tmp_path / "straight", every=0)], str(tmp_path), 2)
+    run([spec(tmp_path / "cut", resume="auto", every=0), spec(tmp_path / "straight", every=0)], str(tmp_path), 2,
+        timeout=300)
     assert_same_run(tmp_path / "cut", tmp_path / "straight")

@@ -25,7 +25,7 @@ def test_demo_config_as_documented():
     assert {n: (b["synthetic"]["difficulty"], b["synthetic"]["n"], b["samples"]) for n, b in bench.items()} == {
         "easy": ("easy", 200, 4), "hard": ("hard", 200, 4)}
     data = {name: s.data.synthetic for name, s in stages.items()}
-    assert [d["difficulty"] for d in data.values()] == ["easy", "easy", "mixed"]
+    assert [d["difficulty"] for d in data.values()] == ["easy", "easy", "mixed_hard"]
     assert data["stage0"]["solution"] == "parallel" and all(d["n"] == 6000 for d in data.values())
     seeds = [d["seed"] for d in data.values()] + [b["synthetic"]["seed"] for b in bench.values()]
     assert len(set(seeds)) == len(seeds)

@@ -378,9 +378,10 @@ def test_saved_template_and_prompt_style_win_unless_the_config_names_them(wtok, 
 def test_an_export_copied_away_from_its_run_reads_its_config_json(wtok, tmp_path):
     model = word_model(wtok)
     save_model(str(tmp_path / "export"), model.config, model.state_dict(), wtok, variant="structured",
-               template="chat", prompt_style="plain")
+               template="chat", prompt_style="plain", instruction="Solve: {question}")
     ref = resolve_model(str(tmp_path / "export"))
     assert (ref.variant, ref.template, ref.prompt_style) == ("structured", "chat", "plain")
+    assert ref.instruction == "Solve: {question}"  # the instruction travels with the export too
 
 
 def test_cli_prompts_a_chat_trained_model_with_the_chat_template(wtok, word_data, tmp_path, capsys):

@@ -68,27 +68,30 @@ def test_difficulty_sets_number_of_ops(sets):
     assert all(e.meta["difficulty"] == d for d, exs in sets.items() for e in exs)
 
 
-def test_mixed_draws_each_problem_easy_or_hard():
-    """The demo's last RL stage trains on a mix: each problem is an easy or a hard one, drawn in turn with
-    equal chances, built as that difficulty builds it; held-out problems stay out as for the others."""
-    mixed = make_problems(1000, "mixed", seed=3)
+@pytest.mark.parametrize("mix,easy_share", [("mixed", 1 / 2), ("mixed_hard", 1 / 3)])
+def test_mixed_draws_each_problem_easy_or_hard(mix, easy_share):
+    """The demo's last RL stage trains on a mix: each problem is an easy or a hard one, drawn in turn (mixed:
+    one in two easy; mixed_hard, the demo's: one in three), built as that difficulty builds it; held-out
+    problems stay out as for the others."""
+    mixed = make_problems(1000, mix, seed=3)
     levels = [e.meta["difficulty"] for e in mixed]
-    assert set(levels) == {"easy", "hard"} and 450 <= levels.count("easy") <= 550  # 1000 fair coins: +/- 5 sd
+    sd = (1000 * easy_share * (1 - easy_share)) ** 0.5
+    assert set(levels) == {"easy", "hard"} and abs(levels.count("easy") - 1000 * easy_share) <= 5 * sd
     assert max(len(run) for run in "".join(lv[0] for lv in levels).split("h")) < 15  # interleaved, not in blocks
     for e in mixed:
         n_ops, n_clauses = len(operations(e.meta)), len(e.meta["ops"])
         assert n_ops == 2 and 2 <= n_clauses <= 4 if e.meta["difficulty"] == "easy" else \
             n_ops in (3, 4) and n_clauses - n_ops in (0, 1) and n_clauses <= 4
-        assert e.answer == str(running_values(e.meta)[-1]) and e.id.startswith("mixed-3-")
-    assert make_problems(1000, "mixed", seed=3) == mixed and make_problems(100, "mixed", seed=4) != mixed[:100]
+        assert e.answer == str(running_values(e.meta)[-1]) and e.id.startswith(f"{mix}-3-")
+    assert make_problems(1000, mix, seed=3) == mixed and make_problems(100, mix, seed=4) != mixed[:100]
     heldout = make_problems(200, "easy", seed=1001) + make_problems(200, "hard", seed=1002)
     def numbers(examples):  # what exclude compares: the start and the signed amounts, not the words
         return {(e.meta["start"], tuple((sign, k) for sign, k, *_ in e.meta["ops"])) for e in examples}
 
     assert numbers(heldout) & numbers(mixed)  # without exclude, some held-out problems recur
-    train = synthetic_sets({"difficulty": "mixed", "n": 1000, "seed": 3}, exclude=heldout)
+    train = synthetic_sets({"difficulty": mix, "n": 1000, "seed": 3}, exclude=heldout)
     assert not numbers(heldout) & numbers(train)
-    with pytest.raises(ValueError, match="valid: \\['easy', 'hard', 'mixed'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['easy', 'hard', 'mixed', 'mixed_hard'\\]"):
         make_problems(3, "medium", seed=0)
 
 
