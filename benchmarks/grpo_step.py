@@ -49,7 +49,7 @@ from grpo.trainer import grpo_step  # noqa: E402
 from model import build_model  # noqa: E402
 from model.tags import add_tag_tokens  # noqa: E402
 from model.tokenizer import build_word_tokenizer, newline_id  # noqa: E402
-from rewards import RewardPool  # noqa: E402
+from rewards import RewardPool, RewardSet  # noqa: E402
 from rollout import Sampler  # noqa: E402
 
 MIN_TRL = "1.16"  # the version this script was written against (setup.py's bench extra)
@@ -133,8 +133,8 @@ class Ours:
 
     def step(self, i: int) -> None:
         t0 = time.perf_counter()
-        m = grpo_step(i, self.items, self.model, None, self.sampler, self.pool, contains_answer, self.opt,
-                      self.sched, self.tok, self.cfg, self.d, self.state)
+        m = grpo_step(i, self.items, self.model, None, self.sampler, self.pool, RewardSet(contains_answer),
+                      self.opt, self.sched, self.tok, self.cfg, self.d, self.state)
         self.steps.append((time.perf_counter() - t0, m))
 
     def phases(self, warmup: int) -> list[dict]:

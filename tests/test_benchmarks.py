@@ -1,0 +1,40 @@
+"""The benchmark scripts still run against the code they measure (their --quick sizes, from another directory),
+and their JSON line carries what the README's table reads. The figures themselves are not asserted here
+(timings belong to benchmarks/, never to a test), except the invariants a run must hold whatever the machine."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_quick(name: str, tmp_path) -> dict:
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--quick"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_sampler_benchmark(tmp_path):
+    out = run_quick("sampler", tmp_path)
+    for key in ("ratio", "equal_memory_ratio", "refill_ratio", "block_step_ratio", "slot_use"):
+        assert out[key] > 0, key
+    assert out["budget_peak_ratio"] <= 1.0  # the KV pool never exceeds its budget
+    assert out["block_steps"] < out["sequential_block_steps"]  # a block's paths are decoded together
+    assert 0 < out["slot_use"] <= 1
+
+
+@pytest.mark.slow
+def test_logprobs_benchmark(tmp_path):
+    out = run_quick("logprobs", tmp_path)
+    assert out["ours_peak_bytes"] < out["naive_peak_bytes"] and out["ratio"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs TRL: pip install -e '.[bench]'")
+def test_grpo_step_benchmark(tmp_path):
+    out = run_quick("grpo_step", tmp_path)
+    assert out["ratio"] > 0 and set(out["ours_phases_s"]) == {"sample", "score", "update"}
