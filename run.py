@@ -32,8 +32,8 @@ def parse_args(argv):
                     "80GiB, or bytes; an H100 has 79.2GiB); default: the CUDA device found, else CPU (no fit check)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="apply the config's `quick:` block: a smoke run (the "
-                      "demo: about a minute) that checks the stages run; its figures mean nothing")
-    size.add_argument("--short", action="store_true", help="apply the config's `short:` block (the demo: about 3 "
+                      "demo: about 15 s) that checks the stages run; its figures mean nothing")
+    size.add_argument("--short", action="store_true", help="apply the config's `short:` block (the demo: 2-3 "
                       "minutes; the cold start learns the format, the accuracy figures are not the full run's)")
     return ap.parse_args(argv)
 
