@@ -74,8 +74,8 @@ def save(run_dir, model, opt, sched, state, d: Dist, tokenizer=None, *, config: 
 
 def export_model(path: str, model, tokenizer, d: Dist, run_dir: str, **export) -> str:
     """`path` (a stage's final/): the model as an HF directory with its tokenizer and a manifest, written
-    under `path.tmp` and renamed. `export`: save_model's keyword arguments (variant, template, prompt_style, instruction).
-    A collective; CheckpointError as `save`."""
+    under `path.tmp` and renamed. `export`: save_model's keyword arguments (variant, template, prompt_style,
+    instruction). A collective; CheckpointError as `save`."""
     tmp = path + ".tmp"
     full = model_state_dict(model)  # a collective under FSDP
 

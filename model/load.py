@@ -161,7 +161,8 @@ def save_model(out_dir: str, config: Qwen3Config, state_dict: dict, tokenizer=No
     in `dtype`, by default `config.dtype`: the dtype load_model found on disk or build_model built in
     (a bf16 Qwen3 comes back bf16), else the state dict's own. config.json gets `use_cache: true`, and
     with `variant` a `parallel_r1` entry {variant, tags (text -> id, from the tokenizer), template,
-    prompt_style, instruction (when one was set)} that parallel-r1 reads back (load_for_inference, evaluation) and transformers ignores.
+    prompt_style, instruction (when one was set)} that parallel-r1 reads back (load_for_inference,
+    evaluation) and transformers ignores.
     generation_config.json is copied from the directory the model was loaded from when it has one,
     else written from the tokenizer's stop and pad ids.
     """
