@@ -281,10 +281,20 @@ def log_tail(workdir: str, chars: int = 4000) -> str:
         return f.read()[-chars:]
 
 
+# gloo's C++ threads can abort a rank at process teardown, after its work is done (seen once in CI on a
+# 2-core machine: every rank had written its results, then one died at exit with this line;
+# pytorch/pytorch#179291 describes aborts of gloo worker threads during interpreter finalization).
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run(scenarios: list, workdir: str, nproc: int = 2, timeout: float = 120, expect: int = 0) -> None:
-    """start + finish; fails with the log when the exit code is not `expect`."""
+    """start + finish; fails with the log when the exit code is not `expect`. A run expected to succeed that
+    ended in the teardown abort above passes here: the caller's checks of what every rank wrote decide."""
     code = finish(start(scenarios, workdir, nproc), workdir, timeout)
-    assert code == expect, f"worker exited with {code}, expected {expect}:\n{log_tail(workdir)}"
+    tail = log_tail(workdir)
+    if expect == 0 and code != 0 and TEARDOWN_ABORT in tail:
+        return
+    assert code == expect, f"worker exited with {code}, expected {expect}:\n{tail}"
 
 
 def main(spec_file: str) -> int:
@@ -302,7 +312,9 @@ def main(spec_file: str) -> int:
                 code = run_scenario(spec, d, tok, tags) or code
     finally:
         close_distributed()
-    return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is written: skip interpreter finalization, where gloo's threads can abort
 
 
 if __name__ == "__main__":
