@@ -194,11 +194,12 @@ def accumulate_gradients(model, batch: TrainBatch, cfg, d: Dist) -> dict | None:
     before the micro-batch loop and summed over ranks. Returns the update's metrics, or None (nothing run)
     when no rank has a loss token (every group filtered)."""
     g = cfg.grpo
-    counts = torch.stack([batch.loss_mask.sum(), (batch.loss_mask.sum(1) > 0).sum()]).double()
+    has_loss = batch.loss_mask.sum(1) > 0  # (B,) rows with a loss token
+    counts = torch.stack([batch.loss_mask.sum(), has_loss.sum()]).double()
     num_tokens, num_seqs = all_reduce(counts.to(d.device)).tolist()  # num_seqs: rows with a loss token
     if num_tokens == 0:
         return None
-    live = (batch.loss_mask.sum(1) > 0).nonzero()[:, 0].tolist()  # rows with a loss token
+    live = has_loss.nonzero()[:, 0].tolist()
     if 0 < len(live) < batch.input_ids.shape[0]:  # the rest add nothing, to the loss or to the metrics: not run
         batch = batch.select(live)  # (filter_zero_std skips up to half the rows of an easy batch)
     totals: dict = {}
