@@ -19,7 +19,7 @@ from tqdm import tqdm
 from grpo import checkpoint as ckpt
 from grpo.batching import TrainBatch, aligned_micro_batches, pack_rows
 from grpo.fsdp import Dist, all_reduce, clip_grad_norm, gathered_for_sampling
-from grpo.loop import StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_or_stop
+from grpo.loop import StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_or_stop, start_note
 from grpo.loss import aggregate
 from grpo.optim import build_optimizer
 from grpo.runlog import append_metrics, plot_metrics
@@ -117,8 +117,7 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
     stream, state = PromptStream(list(range(len(rows))), seed=cfg.seed), TrainState()
     where = ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, stream, d,
                         expect={"variant": cfg.variant, "model.build": cfg.model.build, "sft.batch_size": s.batch_size})
-    log.info(f"{cfg.name}: resumed from {where} (step {state.step} of {steps})" if where else
-             f"{cfg.name}: starting at step 0 of {steps}")
+    log.info(start_note(cfg.name, where, state.step, steps))
     every = s.eval_every or steps_per_epoch
     model.train()
     bar = tqdm(range(state.step, steps), initial=state.step, total=steps, desc=cfg.name, disable=not d.main)

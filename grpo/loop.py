@@ -79,6 +79,14 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def start_note(name: str, where: str | None, step: int, steps: int) -> str:
+    """The line a training loop says before its first step: where it resumed (ckpt.resume's answer) or that it
+    starts at step 0."""
+    if where:
+        return f"{name}: resumed from {where} (step {step} of {steps})"
+    return f"{name}: starting at step 0 of {steps}"
+
+
 def save_abandoned(run_dir, cfg, model, opt, sched, state, d, tokenizer) -> None:
     """A stop that came while step `state.step` was sampling: save the last finished step (unless its checkpoint
     is there already) and raise StopRequested."""

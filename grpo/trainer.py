@@ -25,7 +25,7 @@ from .advantage import expand_to_rows, frac_zero_std, group_advantages, nonzero_
 from .batching import TrainBatch, aligned_micro_batches, make_batch
 from .fsdp import Dist, all_gather_cat, all_reduce, clip_grad_norm, gathered_for_sampling
 from .loop import (StepAbandoned, StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_abandoned,
-                   save_or_stop)
+                   save_or_stop, start_note)
 from .loss import grpo_objective
 from .optim import build_optimizer
 from .runlog import append_metrics, plot_metrics
@@ -59,8 +59,7 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     where = ckpt.resume(run_dir, cfg.checkpoint.resume, model, opt, sched, state, feed, d, expect={
         "variant": cfg.variant, "model.build": cfg.model.build, "rollout.group_size": ro.group_size,
         "grpo.prompts_per_step": g.prompts_per_step, "grpo.mini_batch_prompts": g.mini_batch_prompts})
-    log.info(f"{cfg.name}: resumed from {where} (step {state.step} of {g.steps})" if where else
-             f"{cfg.name}: starting at step 0 of {g.steps}")
+    log.info(start_note(cfg.name, where, state.step, g.steps))
     sampler = make_sampler(model, tokenizer, tags, ro, compute_dtype)
     r = cfg.reward
     reward_set = RewardSet.from_section(r, builtin=reward_fn)
