@@ -92,31 +92,34 @@ def train(cfg, plans=(), note: str | None = None) -> int:
     from curriculum.summary import print_summary
     from curriculum.stages import run_pipeline
     from grpo.checkpoint import CheckpointError
-    from grpo.fsdp import close_distributed, init_distributed
+    from grpo.fsdp import close_distributed, init_distributed, leave_process
     from grpo.loop import StopRequested
     from grpo.runlog import RunDirBusy
     d = init_distributed(cfg.model.device)
     setup_logging(d.rank)
     if note and d.main:
         print(note, flush=True)
+    code = 0
     try:
         summaries = run_pipeline(cfg, d, {stage.name: plan_headline(plan) for stage, plan in plans})
         if d.main:
             print_summary(cfg, summaries, note)
     except StopRequested as e:
         print(f"\n{e}", file=sys.stderr)
-        return 130
+        code = 130
     except (ConfigError, DataError, RunDirBusy, CheckpointError) as e:  # found once work began: no traceback
         if d.main:
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except FloatingPointError as e:  # training diverged; the message names the checkpoint to go back to
         if d.main:
             print(f"stopped: {e}", file=sys.stderr)
-        return 1
+        code = 1
     finally:
         close_distributed()
-    return 0
+    if "RANK" in os.environ:  # a torchrun rank: every file is written; gloo's threads may abort finalization
+        leave_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -65,6 +65,25 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+def leave_process(code: int) -> None:
+    """End a process that torchrun started, after `close_distributed`, without interpreter finalization.
+
+    FSDP's state keeps the process group alive past `destroy_process_group`; its gloo worker threads then
+    release tensors while Python finalizes, and the thread that finds the interpreter gone calls
+    std::terminate ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489). A run
+    whose every rank finished and wrote its files would then end with exit code -6 at random. Here the exit
+    handlers run (reward workers, trackers), logging and the streams are flushed, and the process ends."""
+    import atexit
+    import logging
+    import sys
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def parallelize(model, d: Dist, *, compute_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
                 trainable: bool = True, shard: bool | None = None):
     """Activation checkpointing, then FSDP2 per decoder layer, then the root. A frozen reference model

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from grpo.fsdp import close_distributed, gathered_for_sampling, init_distributed, parallelize  # noqa: E402
+from grpo.fsdp import close_distributed, gathered_for_sampling, init_distributed, leave_process, parallelize  # noqa: E402
 from grpo.logprobs import token_logprobs  # noqa: E402
 from grpo.optim import build_optimizer  # noqa: E402
 from model import build_model  # noqa: E402
@@ -43,6 +43,7 @@ def main(out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{d.rank}.json"), "w") as f:
         json.dump(figures, f)
     close_distributed()
+    leave_process(0)
 
 
 if __name__ == "__main__":

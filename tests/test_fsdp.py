@@ -14,6 +14,8 @@ use a small micro-batch budget (several micro-batches per rank, not always as ma
 """
 import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -203,3 +205,33 @@ def test_world_size_must_divide_the_prompt_batch(runs):
         f = facts(runs / "bad_world", rank)
         assert "world size 2" in f["error"] and "grpo.prompts_per_step=3" in f["error"]
         assert f["files_after_error"] == []  # refused before any work
+
+
+def test_leave_process_runs_exit_handlers_then_skips_finalization(tmp_path):
+    """A torchrun rank ends through leave_process: the exit handlers run (reward workers, trackers), logging and
+    both streams are flushed, the code is the process's exit code, and nothing runs after: no interpreter
+    finalization, where gloo's worker threads can abort a finished run (the same script ending with sys.exit
+    shows that finalization would have run the object's __del__)."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import atexit, logging, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+        "from grpo.fsdp import leave_process\n"
+        "class Finalized:\n"
+        "    def __del__(self, write=sys.stdout.write): write(' finalized')\n"
+        "keep = Finalized()  # a module global: deleted at interpreter finalization\n"
+        "atexit.register(print, 'exit handler ran')\n"
+        "logging.basicConfig(filename=sys.argv[1], level=logging.INFO)\n"
+        "logging.info('logged')\n"
+        "sys.stdout.write('stdout unflushed')\n"
+        "sys.stderr.write('stderr unflushed')\n"
+        "leave_process(3) if sys.argv[2] == 'leave' else sys.exit(3)\n"
+        "print('after leave_process')\n")
+    out = {}
+    for how in ("leave", "exit"):
+        log = tmp_path / f"{how}.txt"
+        r = subprocess.run([sys.executable, str(script), str(log), how], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3 and r.stderr == "stderr unflushed", r.stderr
+        assert log.read_text() == "INFO:root:logged\n"
+        out[how] = r.stdout
+    assert out == {"leave": "stdout unflushedexit handler ran\n", "exit": "stdout unflushedexit handler ran\n finalized"}
