@@ -193,9 +193,7 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None, plan: "Plan | N
         if cfg.grpo.kl_coef > 0:
             ref, _ = make_model(cfg, d, tokenizer, tags, init_dir, trainable=False)
         train_grpo(cfg, model, tokenizer, tags, feed, cfg.run_dir, d, ref_model=ref, compute_dtype=compute)
-    final = ckpt.export_model(final, model, tokenizer, d, cfg.run_dir, variant=cfg.variant,
-                              template=cfg.data.template, prompt_style=cfg.data.prompt_style,
-                              instruction=cfg.data.instruction)
+    final = ckpt.export_model(final, model, tokenizer, d, cfg.run_dir, config=to_dict(cfg))
     summary.update(stage_seconds(cfg.run_dir))
     t_eval = time.perf_counter()
     if heldout:

@@ -72,16 +72,24 @@ def save(run_dir, model, opt, sched, state, d: Dist, tokenizer=None, *, config: 
     return final
 
 
-def export_model(path: str, model, tokenizer, d: Dist, run_dir: str, **export) -> str:
+def export_fields(config: dict) -> dict:
+    """save_model's metadata keywords from a resolved config (as a dict): what a loader needs to prompt the
+    export as it was trained and to run its variant. One source for checkpoints and final exports."""
+    data = config["data"]
+    return dict(variant=config["variant"], template=data["template"], prompt_style=data["prompt_style"],
+                instruction=data.get("instruction"))
+
+
+def export_model(path: str, model, tokenizer, d: Dist, run_dir: str, *, config: dict) -> str:
     """`path` (a stage's final/): the model as an HF directory with its tokenizer and a manifest, written
-    under `path.tmp` and renamed. `export`: save_model's keyword arguments (variant, template, prompt_style,
-    instruction). A collective; CheckpointError as `save`."""
+    under `path.tmp` and renamed, with the metadata `export_fields(config)` names. A collective;
+    CheckpointError as `save`."""
     tmp = path + ".tmp"
     full = model_state_dict(model)  # a collective under FSDP
 
     def write():
         _fresh_dir(tmp)
-        save_model(tmp, model.config, full, tokenizer, **export)
+        save_model(tmp, model.config, full, tokenizer, **export_fields(config))
     with _removed_on_failure(tmp, path, run_dir, d):
         _on_every_rank(write if d.main else lambda: None, d)
         write_manifest(tmp, d)
@@ -110,9 +118,7 @@ def _fresh_dir(path: str) -> None:
 
 
 def _write_rank0_files(tmp, model, full, tokenizer, trainer: dict, config: dict) -> None:
-    save_model(os.path.join(tmp, "model"), model.config, full, tokenizer, variant=config["variant"],
-               template=config["data"]["template"], prompt_style=config["data"]["prompt_style"],
-               instruction=config["data"].get("instruction"))
+    save_model(os.path.join(tmp, "model"), model.config, full, tokenizer, **export_fields(config))
     with open(os.path.join(tmp, "trainer.json"), "w") as f:
         json.dump(trainer, f)
     with open(os.path.join(tmp, "config.yaml"), "w") as f:

@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ from grpo import checkpoint as ckpt
 from grpo.fsdp import Dist
 from grpo.optim import build_optimizer
 from grpo.loop import TrainState
+from model.load import export_info
 
 from .dist_worker import PROBE, finish, log_tail, run, start
 from .test_trainer import tiny, toy_config
@@ -204,6 +205,22 @@ def rewrite_manifest(path):
     """Make a tampered checkpoint look intact again (size and checksum of every file as it now is)."""
     os.remove(path / "manifest.json")
     ckpt.write_manifest(str(path))
+
+
+def test_checkpoints_and_the_final_export_carry_the_same_metadata(tok, tmp_path):
+    """What a loader needs to prompt and run a model (variant, template, prompt style, instruction) is written
+    from one source, export_fields, into every checkpoint's model/ and into the stage's final export."""
+    cfg = toy_config()
+    cfg = replace(cfg, variant="structured", data=replace(cfg.data, template="chat", prompt_style="plain",
+                                                          instruction="Solve: {question}"))
+    model = tiny(tok)
+    opt, sched = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 0, 10)
+    step = save_step(tok, tmp_path, model, opt, sched, 1, cfg)
+    final = ckpt.export_model(str(tmp_path / "final"), model, tok, Dist(), str(tmp_path), config=asdict(cfg))
+    saved = export_info(os.path.join(step, "model"))
+    assert saved == export_info(final)
+    assert {k: saved[k] for k in ("variant", "template", "prompt_style", "instruction")} == {
+        "variant": "structured", "template": "chat", "prompt_style": "plain", "instruction": "Solve: {question}"}
 
 
 def test_incomplete_checkpoints_are_skipped(tok, tmp_path):
