@@ -68,11 +68,11 @@ def close_distributed() -> None:
 def leave_process(code: int) -> None:
     """End a process that torchrun started, after `close_distributed`, without interpreter finalization.
 
-    FSDP's state keeps the process group alive past `destroy_process_group`; its gloo worker threads then
-    release tensors while Python finalizes, and the thread that finds the interpreter gone calls
-    std::terminate ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489). A run
-    whose every rank finished and wrote its files would then end with exit code -6 at random. Here the exit
-    handlers run (reward workers, trackers), logging and the streams are flushed, and the process ends."""
+    Even after `destroy_process_group`, gloo's worker threads can still be releasing tensors while Python
+    finalizes, and the thread that finds the interpreter gone calls std::terminate ("terminate called without
+    an active exception", SIGABRT; pytorch/pytorch#190489). A run whose every rank finished and wrote its
+    files then ended with exit code -6 now and then (seen in CI). Here the exit handlers run (reward workers,
+    trackers), logging and both streams are flushed, and the process ends without finalizing."""
     import atexit
     import logging
     import sys
