@@ -349,6 +349,9 @@ def _explicit(values: dict, defaults: dict) -> dict:
 
 
 def save_config(cfg: Config, path: str) -> None:
+    """Written beside and renamed: a reader (another rank, a re-run after a crash) sees the old file or the
+    whole new one, never half of it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(path + ".tmp", path)

@@ -161,7 +161,7 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None, plan: "Plan | N
     decision, made here when None) says whether it is skipped, resumed or started over; `data` is
     (heldout, train, val) when the caller has read them already; `memory`: the memory plan's headline for the
     opening summary (curriculum.memory.plan_headline)."""
-    plan = plan or plan_stage(cfg, d)
+    plan = plan or agree(plan_stage(cfg, d), d)
     final = os.path.join(cfg.run_dir, "final")
     summary_path = os.path.join(cfg.run_dir, "summary.json")
     say(d, plan.note)
@@ -272,6 +272,14 @@ def plan_stage(cfg: Config, d: Dist, upstream_trained: bool = False) -> Plan:
                 else "")
 
 
+def agree(plans, d: Dist):
+    """Rank 0's plans, on every rank. Each rank plans from the run directories as it finds them; a rank that
+    planned late could see files rank 0 had begun to write for the stage (its config.yaml, half written) and
+    decide otherwise (start over while rank 0 trains: both ranks then wait forever in different
+    collectives). The broadcast is also the barrier: no rank writes before every rank has planned."""
+    return broadcast_object(plans if d.main else None)
+
+
 def move_aside(run_dir: str, d: Dist) -> None:
     """Move a stage's earlier outputs into <run_dir>/earlier-<k> (nothing is deleted). Rank 0 moves, every
     rank learns whether it could (a collective)."""
@@ -331,6 +339,7 @@ def run_pipeline(cfg: Config, d: Dist, memory: dict | None = None) -> dict:
             plans.append(plan_stage(stage, d, upstream_trained=stage.init_from in trained))
             if plans[-1].action != "skip":
                 trained.add(stage.name)
+        plans = agree(plans, d)
         data = {s.name: read_stage_data(s) for s, p in zip(stages, plans) if p.action != "skip"}
         finals, summaries = {}, {}
         for stage, plan in zip(stages, plans):

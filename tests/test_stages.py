@@ -191,6 +191,23 @@ def test_pipeline_runs_under_torchrun_on_two_ranks(tmp_path):
     check_pipeline(str(tmp_path / "pipe"))
 
 
+def test_ranks_follow_one_plan_when_one_plans_late(tmp_path):
+    """CI (2 cores, busy) once hung here: rank 1 planned the first stage while rank 0 was writing its
+    config.yaml, read half a file, decided to start over and waited in move_aside's broadcast while rank 0
+    trained. tests/plan_worker.py opens that window on purpose; every rank must follow rank 0's plan."""
+    config = pipeline_config(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "tests", "plan_worker.py"), config]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"ranks still running after 300 s (waiting in different collectives?):\n{e.stderr}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_pipeline(str(tmp_path / "pipe"))
+    assert "starting over" not in r.stderr
+
+
 # --- re-runs: skip, extend, resume, refuse, start over (in one process, a tiny GRPO stage) -----------------
 
 def tiny_grpo(tmp_path, **over):
