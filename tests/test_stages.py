@@ -192,9 +192,10 @@ def test_pipeline_runs_under_torchrun_on_two_ranks(tmp_path):
 
 
 def test_ranks_follow_one_plan_when_one_plans_late(tmp_path):
-    """CI (2 cores, busy) once hung here: rank 1 planned the first stage while rank 0 was writing its
-    config.yaml, read half a file, decided to start over and waited in move_aside's broadcast while rank 0
-    trained. tests/plan_worker.py opens that window on purpose; every rank must follow rank 0's plan."""
+    """Beside a busy process on 2 cores the two-rank pipeline hung 1 run in 5: rank 1 planned the first stage
+    while rank 0 was writing its config.yaml, read half a file, decided to start over and waited in
+    move_aside's broadcast while rank 0 trained. tests/plan_worker.py opens that window on purpose; every
+    rank must follow rank 0's plan."""
     config = pipeline_config(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "tests", "plan_worker.py"), config]
