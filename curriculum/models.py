@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from grpo.checkpoint import defect, latest, list_checkpoints
+from grpo.checkpoint import defect, export_fields, latest, list_checkpoints
 from model import check_tokenizer_fits, export_info, load_model, load_tokenizer
 
 from .report import EvalError
@@ -37,15 +37,13 @@ def _is_hf(path: str) -> bool:
 
 
 def _saved_settings(hf_dir: str, *config_files: str) -> dict:
-    """variant, template and prompt_style of the first resolved config.yaml that exists, else of the
-    parallel_r1 entry of the model's config.json (an export copied away from its run)."""
+    """variant, template, prompt_style and instruction of the first resolved config.yaml that exists (read as
+    checkpoints and exports write them: export_fields), else of the parallel_r1 entry of the model's
+    config.json (an export copied away from its run)."""
     for path in config_files:
         if os.path.isfile(path):
             with open(path) as f:
-                saved = yaml.safe_load(f) or {}
-            data = saved.get("data") or {}
-            found = {"variant": saved.get("variant"), "template": data.get("template"),
-                     "prompt_style": data.get("prompt_style"), "instruction": data.get("instruction")}
+                found = export_fields(yaml.safe_load(f) or {})
             break
     else:
         found = export_info(hf_dir)

@@ -73,10 +73,11 @@ def save(run_dir, model, opt, sched, state, d: Dist, tokenizer=None, *, config: 
 
 
 def export_fields(config: dict) -> dict:
-    """save_model's metadata keywords from a resolved config (as a dict): what a loader needs to prompt the
-    export as it was trained and to run its variant. One source for checkpoints and final exports."""
-    data = config["data"]
-    return dict(variant=config["variant"], template=data["template"], prompt_style=data["prompt_style"],
+    """save_model's metadata keywords from a config (as a dict): what a loader needs to prompt the export as
+    it was trained and to run its variant. One source for checkpoints and final exports, and for reading a
+    saved config.yaml back (curriculum.models); a key the config lacks is None."""
+    data = config.get("data") or {}
+    return dict(variant=config.get("variant"), template=data.get("template"), prompt_style=data.get("prompt_style"),
                 instruction=data.get("instruction"))
 
 
