@@ -2,9 +2,9 @@
 
     python -m torch.distributed.run --nproc_per_node 2 --master_port PORT tests/plan_worker.py CONFIG
 
-Runs the config's pipeline with two hooks that open the window a slow rank met in CI: rank 1 plans only once
-the first stage's config.yaml exists (or after WAIT seconds), and rank 0 writes that file in two halves,
-the second once rank 1 has planned (or after WAIT seconds). Every rank must still follow one plan: the run
+Runs the config's pipeline with two hooks that open the window a slow rank met beside a busy process: rank 1
+plans only once the first stage's config.yaml exists (or after WAIT seconds), and rank 0 writes that file in
+two halves, the second once rank 1 has planned (or after WAIT seconds). Every rank must still follow one plan: the run
 ends with exit code 0, where ranks that planned apart waited forever in different collectives.
 """
 from __future__ import annotations
