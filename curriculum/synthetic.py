@@ -1,4 +1,4 @@
-"""The CPU demo's task: short integer word problems (easy: 2 operations, hard: 3 or 4; mixed: either, drawn
+"""The CPU demo's task: short integer word problems (easy: 1 or 2 operations, hard: 3 or 4; mixed: either, drawn
 per problem), their parallel-format and plain solutions, and DEMO_WORDS, the vocabulary for
 `build_word_tokenizer` under which every question, solution and demo prompt encodes without `<unk>`."""
 from __future__ import annotations
@@ -17,13 +17,17 @@ OBJECTS = ("apples", "eggs", "cookies", "pens", "cards", "books", "coins", "shel
 EDIBLE = ("apples", "eggs", "cookies")
 GAIN_VERBS = ("buys", "finds", "gets")
 LOSS_VERBS = ("gives away", "loses", "sells")  # + "eats" for EDIBLE objects
-DIFFICULTIES = {"easy": (2,), "hard": (3, 4)}  # difficulty -> allowed numbers of operations
+# difficulty -> allowed numbers of operations, one drawn per problem with equal chances. Easy problems have one
+# or two: with exactly two, a question of 3-4 clauses always held 1-2 distractors, so "the count changes twice"
+# fitted every cold-start solution as well as reading which clauses name another object; the structured
+# variant learned that shortcut (41% of the real operations of held-out hard problems written as "+0").
+DIFFICULTIES = {"easy": (1, 2), "hard": (3, 4)}
 # a mix -> the difficulties its problems are drawn from, one entry per problem with equal chances: the demo's
 # last RL stage trains on every difficulty (the paper's general-math stage), so it learns the hard problems
 # without unlearning the easy ones (trained on hard problems only, it lost 23 points of easy accuracy)
 MIXES = {"mixed": ("easy", "hard"), "mixed_hard": ("easy", "hard", "hard")}  # mixed_hard: one easy in three
 # difficulty -> (fewest, most) distractor clauses: a change to another object ("buys 3 pens"), which leaves
-# the asked count alone; at most MAX_CLAUSES clauses in all. Easy questions have 2 to 4 clauses, so the
+# the asked count alone; at most MAX_CLAUSES clauses in all. Easy questions have 1 to 4 clauses, so the
 # cold start teaches one step per clause rather than "two steps, then stop" (trained on exactly two
 # clauses, the model never wrote a third step on a hard problem). Hard questions have distractors too, so
 # that GRPO on them cannot unlearn skipping distractors.
@@ -41,7 +45,7 @@ DEMO_WORDS = tuple(sorted(set(NAMES) | set(NAMES.values()) | set(OBJECTS) | set(
 
 
 def _signs(rng: random.Random, n_ops: int) -> list[str]:
-    """Gains and losses in random order, at most two of each: easy problems show every mix of two
+    """Gains and losses in random order, at most two of each: easy problems show one of each and every mix of two
     (totals of 0, 1 or 2 numbers in the regrouped path), and a hard problem's totals are again lists of
     at most two numbers, so its regrouped solution is made of pieces the cold start taught."""
     if n_ops <= 2:

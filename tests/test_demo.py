@@ -30,7 +30,7 @@ def test_demo_config_as_documented():
     seeds = [d["seed"] for d in data.values()] + [b["synthetic"]["seed"] for b in bench.values()]
     assert len(set(seeds)) == len(seeds)
     s0, s1, s2 = stages.values()
-    assert (s0.sft.steps, s0.sft.batch_size, s1.grpo.steps, s2.grpo.steps) == (1200, 8, 30, 50)
+    assert (s0.sft.steps, s0.sft.batch_size, s1.grpo.steps, s2.grpo.steps) == (2000, 8, 30, 50)
     assert s1.rollout.group_size == 8 and (s1.grpo.prompts_per_step, s2.grpo.prompts_per_step) == (16, 32)
     quick = {s.name: s for s in pipeline_stages(load_config("demo.yaml", quick=True))}
     assert quick["stage0"].sft.steps == 8 and quick["stage2"].grpo.steps == 2 and quick["stage2"].eval.limit == 16
