@@ -140,7 +140,8 @@ def load_train_data(cfg: Config, heldout: dict):
     patterns = Patterns(d.answer_pattern, d.question_pattern)
     if d.synthetic:
         exclude = [ex for exs in heldout.values() for ex in exs]
-        examples = synthetic.synthetic_sets(d.synthetic, exclude)
+        # the structured variant samples its paths independently; its cold start shows such pairs
+        examples = synthetic.synthetic_sets(d.synthetic, exclude, independent_paths=cfg.variant == "structured")
     else:
         examples = load_examples(d.train, d.fields, d.limit, d.repair_latex_escapes, patterns)
     if d.val:

@@ -94,7 +94,8 @@ def problem_answer(start: int, ops: list[list]) -> int:
     return start + sum({"+": k, "-": -k}.get(sign, 0) for sign, k, *_ in ops)
 
 
-def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str | None = None) -> list[Example]:
+def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str | None = None,
+                  independent_paths: bool = False) -> list[Example]:
     """`n` distinct problems, deterministic in (difficulty, seed); different seeds give mostly
     different problems. A mix (MIXES) draws each problem's difficulty in turn, and its meta says which.
     meta = {"difficulty", "start", "ops"}: ops lists the question's clauses in order,
@@ -102,6 +103,7 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
 
     exclude: examples (e.g. a held-out test set) whose numbers (start and ops) must not recur here.
     solution: None, "parallel" or "plain" fills `Example.solution` with that target.
+    independent_paths: parallel solutions whose paths are independent draws of a form (parallel_solution).
     """
     if difficulty not in DIFFICULTIES and difficulty not in MIXES:
         raise ValueError(f"unknown difficulty {difficulty!r}; valid: {list(DIFFICULTIES) + list(MIXES)}")
@@ -131,19 +133,21 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
         raise ValueError(f"make_problems: only {len(out)} distinct {difficulty} problems found for n={n}; "
                          "ask for fewer or exclude fewer")
     if solution is not None:
-        write = parallel_solution if solution == "parallel" else plain_solution
-        out = [replace(ex, solution=write(ex)) for ex in out]
+        if solution == "parallel":
+            out = [replace(ex, solution=parallel_solution(ex, independent_paths)) for ex in out]
+        else:
+            out = [replace(ex, solution=plain_solution(ex)) for ex in out]
     return out
 
 
-def synthetic_sets(spec: dict, exclude=()) -> list[Example]:
+def synthetic_sets(spec: dict, exclude=(), independent_paths: bool = False) -> list[Example]:
     """The demo task from a config dict (data.synthetic or a benchmark's `synthetic`): {difficulty, n, seed,
-    solution?}."""
+    solution?}. independent_paths: see parallel_solution (the structured variant's cold start)."""
     unknown = set(spec) - {"difficulty", "n", "seed", "solution"}
     if unknown:
         raise ValueError(f"data.synthetic: unknown keys {sorted(unknown)}; use difficulty, n, seed, solution")
     return make_problems(spec["n"], spec["difficulty"], spec.get("seed", 0), exclude=exclude,
-                         solution=spec.get("solution"))
+                         solution=spec.get("solution"), independent_paths=independent_paths)
 
 
 def _signature(meta: dict) -> tuple:
@@ -185,8 +189,14 @@ def _regrouped(start: int, ops: list[list]) -> str:
     return " ".join(steps)
 
 
-def parallel_solution(example: Example) -> str:
+def parallel_solution(example: Example, independent_paths: bool = False) -> str:
     """Cold-start target: two independent paths (in order; regrouped), the summary, the answer.
+
+    independent_paths (the structured variant's cold start): each path is in order or regrouped, drawn
+    per path and question, so a quarter of the solutions hold two in-order paths and a quarter two regrouped
+    ones. The structured sampler writes each path without seeing the other, so half of its blocks hold two
+    paths of one form; a cold start that never showed such a pair left the summary garbled after them (7.6%
+    of held-out responses malformed, 116 of the 122 after two in-order paths).
 
     The summary cites one path, "path one" or "path two" (half the problems each, fixed per question),
     and copies that path's last equation. On easy problems both paths agree, so the choice is a coin flip
@@ -196,6 +206,8 @@ def parallel_solution(example: Example) -> str:
     uses easy problems only; the format holds for any number of operations."""
     start, ops, answer = example.meta["start"], example.meta["ops"], example.answer
     paths = [_in_order(start, ops), _regrouped(start, ops)]
+    if independent_paths:
+        paths = [paths[random.Random(f"{example.question} path {k}").randrange(2)] for k in range(2)]
     cite = zlib.crc32(example.question.encode()) % 2  # 0: path one, 1: path two
     last = paths[cite].rsplit(" ", 1)[-1]  # "23-5=18."
     return (f"<Parallel>\n<Path> {paths[0]} </Path>\n<Path> {paths[1]} </Path>\n</Parallel>\n"

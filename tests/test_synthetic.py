@@ -134,6 +134,26 @@ def test_summary_cites_either_path_half_the_time():
     assert make_problems(2000, "easy", seed=1, solution="parallel") == easy  # fixed per question
 
 
+def test_independent_paths_draw_each_form_per_path():
+    """The structured variant's cold start: each path is in order or regrouped, drawn per path, so every pair
+    of forms occurs (a quarter each); a path is still the same text as in the fixed-order solution, and the
+    summary still copies the cited path's last equation."""
+    easy = make_problems(2000, "easy", seed=1, solution="parallel", independent_paths=True)
+    fixed = make_problems(2000, "easy", seed=1, solution="parallel")
+    pairs = []
+    for e, f in zip(easy, fixed):
+        path1, path2, cited, summary, final = PATHS.match(e.solution).groups()
+        written = PATHS.match(f.solution).groups()[:2]  # (in order, regrouped)
+        assert path1 in written and path2 in written and final == e.answer
+        assert summary == (path1 if cited == "one" else path2).split()[-1]
+        pairs.append("".join("R" if p == written[1] else "O" for p in (path1, path2)))
+    for pair in ("OO", "OR", "RO", "RR"):
+        assert 400 < pairs.count(pair) < 600, (pair, pairs.count(pair))
+    assert make_problems(2000, "easy", seed=1, solution="parallel", independent_paths=True) == easy
+    assert synthetic_sets({"difficulty": "easy", "n": 2000, "seed": 1, "solution": "parallel"},
+                          independent_paths=True) == easy
+
+
 def test_distractors_name_another_object_and_add_zero(sets):
     with_distractors = [e for d in sets for e in sets[d] if len(e.meta["ops"]) > len(operations(e.meta))]
     assert len(with_distractors) > 250
@@ -209,3 +229,19 @@ def test_jsonl_round_trip(tmp_path):
     exs = make_problems(10, "easy", seed=3, solution="parallel")
     write_jsonl(exs, str(tmp_path / "easy.jsonl"))
     assert load_examples(str(tmp_path / "easy.jsonl")) == exs
+
+
+def test_structured_stages_train_on_independent_paths():
+    """A stage's synthetic parallel data follows its variant: fixed order (in order, then regrouped) for the
+    causal variant, forms drawn per path for the structured one, whose sampler writes paths independently."""
+    from curriculum.config import build_config
+    from curriculum.stages import load_train_data
+
+    data = {"synthetic": {"difficulty": "easy", "n": 200, "seed": 1, "solution": "parallel"}}
+    pairs_by_variant = {}
+    for variant in ("causal", "structured"):
+        train, _ = load_train_data(build_config({"variant": variant, "data": data}), {})
+        pairs = {tuple(p.startswith("in ") for p in PATHS.match(e.solution).groups()[:2]) for e in train}
+        pairs_by_variant[variant] = pairs
+    assert pairs_by_variant["causal"] == {(False, True)}
+    assert pairs_by_variant["structured"] == {(False, False), (False, True), (True, False), (True, True)}
