@@ -4,9 +4,10 @@ import statistics
 
 import pytest
 
-from curriculum.config import load_config, pipeline_stages
+from curriculum.config import build_config, load_config, pipeline_stages
 from curriculum.data import load_examples, write_jsonl
 from curriculum.prompts import encode_prompt, format_prompt
+from curriculum.stages import load_train_data
 from curriculum.synthetic import (DEMO_INSTRUCTION, DEMO_PLAIN_INSTRUCTION, DEMO_WORDS, make_problems,
                                   parallel_solution, plain_solution, synthetic_sets)
 from model import add_tag_tokens, build_structure
@@ -234,9 +235,6 @@ def test_jsonl_round_trip(tmp_path):
 def test_structured_stages_train_on_independent_paths():
     """A stage's synthetic parallel data follows its variant: fixed order (in order, then regrouped) for the
     causal variant, forms drawn per path for the structured one, whose sampler writes paths independently."""
-    from curriculum.config import build_config
-    from curriculum.stages import load_train_data
-
     data = {"synthetic": {"difficulty": "easy", "n": 200, "seed": 1, "solution": "parallel"}}
     pairs_by_variant = {}
     for variant in ("causal", "structured"):
