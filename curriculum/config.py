@@ -59,7 +59,9 @@ class DataConfig:
     instruction: str | None = None  # the prompt text with {question} once, instead of prompt_style's
     template: Literal["chat", "raw"] = "raw"  # chat template, or raw text (base models)
     max_prompt_tokens: int = ranged(2000, ge=1)  # longer prompts are cut from the left
-    synthetic: dict | None = None  # the demo task instead of files: {difficulty, n, seed, solution}
+    # the demo task instead of files: {difficulty, n, seed, solution}; `solution: parallel` writes the paths in a
+    # fixed order for the causal variant and draws each path's form for the structured one (as it samples them)
+    synthetic: dict | None = None
 
 
 @dataclass
