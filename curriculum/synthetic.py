@@ -7,6 +7,7 @@ import random
 import re
 import zlib
 from dataclasses import replace
+from functools import partial
 
 from .data import Example, write_jsonl  # write_jsonl is re-exported: the demo writes its sets with it
 from .prompts import DEMO_INSTRUCTION, DEMO_PLAIN_INSTRUCTION
@@ -133,10 +134,9 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
         raise ValueError(f"make_problems: only {len(out)} distinct {difficulty} problems found for n={n}; "
                          "ask for fewer or exclude fewer")
     if solution is not None:
-        if solution == "parallel":
-            out = [replace(ex, solution=parallel_solution(ex, independent_paths)) for ex in out]
-        else:
-            out = [replace(ex, solution=plain_solution(ex)) for ex in out]
+        write = partial(parallel_solution, independent_paths=independent_paths) if solution == "parallel" \
+            else plain_solution
+        out = [replace(ex, solution=write(ex)) for ex in out]
     return out
 
 
