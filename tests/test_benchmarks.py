@@ -1,6 +1,7 @@
 """The benchmark scripts still run against the code they measure (their --quick sizes, from another directory),
-and their JSON line carries what the README's table reads. The figures themselves are not asserted here
-(timings belong to benchmarks/, never to a test), except the invariants a run must hold whatever the machine."""
+and their JSON line carries what the table of docs/benchmarks.md reads. The figures themselves are not
+asserted here (timings belong to benchmarks/, never to a test), except the invariants a run must hold whatever
+the machine."""
 import importlib.util
 import json
 import os
