@@ -75,11 +75,14 @@ class RolloutConfig:
     max_parallel_blocks: int = ranged(4, ge=0)  # blocks per response (structured sampling)
     max_path_tokens: int | None = ranged(None, ge=1)  # path length limit, tags included (structured sampling)
     prefill_rows: int = ranged(64, ge=1)  # prompts per prefill forward
-    # KV cache budget of the sampler (continuous batching: samples flow through the rows that fit)
+    # the sampler's paged KV cache (rollout/cache.py): the budget buys pages, samples flow through them
     # GiB per rank; None = kv_cache_fraction of free CUDA memory, 4 GiB on CPU
     kv_cache_gb: float | None = ranged(None, gt=0.0)
     # CUDA, kv_cache_gb unset: share of the memory free when sampling starts
     kv_cache_fraction: float = ranged(0.7, gt=0.0, le=1.0)
+    page_size: int = ranged(16, ge=1)  # tokens per KV page; each shared segment (prompt, block prefix) wastes < 1
+    max_rows: int = ranged(256, ge=2)  # rows one decode step carries at most (samples + the paths of open blocks)
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"  # replay decode steps from CUDA graphs (auto: on CUDA)
 
 
 @dataclass

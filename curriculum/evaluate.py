@@ -38,7 +38,7 @@ def evaluate(model, tokenizer, tags, benchmarks: dict, *, samples: int | dict = 
              max_prompt_tokens: int | None = 2000, batch_prompts: int = 32, kv_cache_gb: float | None = None,
              kv_cache_fraction: float = 0.7, seed: int = 0, num_paths: int = 2,
              max_parallel_blocks: int = 4, max_path_tokens: int | None = None, prefill_rows: int = 64,
-             out_dir: str | None = None, timeout: float = 10.0, workers: int = 2, label: str = "model",
+             max_rows: int = 256, page_size: int = 16, cuda_graphs: str = "auto", out_dir: str | None = None, timeout: float = 10.0, workers: int = 2, label: str = "model",
              restart_if_changed: bool = False, progress: bool = True) -> dict:
     """Sample `samples` responses per problem of each benchmark (name -> list[Example]), score them against
     the gold answers and return {name: figures, ..., "overall": figures} (report.summarize; the keys are
@@ -58,7 +58,8 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
                      max_new_tokens=3000, structured=None, prompt_style="parallel", instruction=None, template="raw",
                      max_prompt_tokens=2000, batch_prompts=32, kv_cache_gb=None, kv_cache_fraction=0.7, seed=0,
                      num_paths=2,
-                     max_parallel_blocks=4, max_path_tokens=None, prefill_rows=64, out_dir=None, timeout=10.0,
+                     max_parallel_blocks=4, max_path_tokens=None, prefill_rows=64, max_rows=256, page_size=16,
+                     cuda_graphs="auto", out_dir=None, timeout=10.0,
                      workers=2, restart_if_changed=False, progress=True) -> list[dict]:
     """The scored records (report.make_record) of every sample `evaluate` reports on, finished ones read
     back from out_dir/samples.jsonl and the rest sampled now (see `evaluate` for the arguments)."""
@@ -76,7 +77,8 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
         sampler = Sampler(model, tags=tags, pad_id=_pad_id(tokenizer), newline_id=newline_id(tokenizer),
                           num_paths=num_paths, max_parallel_blocks=max_parallel_blocks,
                           max_path_tokens=max_path_tokens, prefill_rows=prefill_rows, kv_cache_gb=kv_cache_gb,
-                          kv_cache_fraction=kv_cache_fraction)
+                          kv_cache_fraction=kv_cache_fraction, max_rows=max_rows, page_size=page_size,
+                          cuda_graphs=cuda_graphs)
         left = sum(len(exs) for exs in benchmarks.values()) - len(finished)
         with RewardPool(workers=workers, timeout=timeout) as pool, \
                 tqdm(total=left, desc="eval", unit="problem", disable=not progress) as bar:
@@ -222,7 +224,8 @@ def config_kwargs(cfg, benchmarks: dict) -> dict:
                 batch_prompts=cfg.eval.batch_prompts, kv_cache_gb=ro.kv_cache_gb, kv_cache_fraction=ro.kv_cache_fraction,
                 seed=cfg.seed,
                 num_paths=ro.num_paths, max_parallel_blocks=ro.max_parallel_blocks, max_path_tokens=ro.max_path_tokens,
-                prefill_rows=ro.prefill_rows, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+                prefill_rows=ro.prefill_rows, max_rows=ro.max_rows, page_size=ro.page_size, cuda_graphs=ro.cuda_graphs,
+                timeout=cfg.reward.timeout, workers=cfg.reward.workers)
 
 
 def evaluate_ref(ref: ModelRef, cfg, benchmarks: dict, out_dir: str, progress: bool = True, explicit=()) -> dict:

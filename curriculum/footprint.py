@@ -108,10 +108,16 @@ def backward_work_bytes(a: Arch, tokens: int, row_tokens: int, e: int, attn: str
     return max(head, layer)
 
 
-def sampling_work_bytes(a: Arch, prefill_prompts: int, prompt_tokens: int, rows: int, e: int) -> int:
-    """Transient bytes while sampling (no autograd; the sampler decodes with SDPA): the larger of a prefill
-    forward of `prefill_prompts` x `prompt_tokens` (residual stream, one layer's MLP intermediates or its
-    attention with repeated K/V and the mask) and a decode step's float32 logits over `rows` rows."""
+def sampling_work_bytes(a: Arch, prefill_prompts: int, prompt_tokens: int, rows: int, e: int, kv_tokens: int) -> int:
+    """Transient bytes while sampling (no autograd): the larger of a prefill forward of `prefill_prompts` x
+    `prompt_tokens` (residual stream, one layer's MLP intermediates or its attention with the dense mask) and a
+    decode step over `rows` rows: its logits (compute dtype and float32), the float64 CDF of one sampling chunk
+    (rollout.sampler.SAMPLE_ELEMENTS) and one chunk of rows' gathered K/V pages, `kv_tokens` slots a row at most,
+    expanded to the query heads (rollout.attention.ATTENTION_CHUNK_BYTES)."""
+    from rollout.attention import ATTENTION_CHUNK_BYTES
+    from rollout.sampler import SAMPLE_ELEMENTS
     h, q, i = a.hidden, a.heads * a.head_dim, a.intermediate
     per_token = 2 * h * e + h * 4 + max(3 * i * e, 4 * q * e + prompt_tokens * (1 + e))
-    return max(prefill_prompts * prompt_tokens * per_token, rows * a.vocab * (e + 16))
+    gathered = min(rows * 2 * kv_tokens * a.head_dim * (a.heads + a.kv_heads) * e, ATTENTION_CHUNK_BYTES)
+    decode = rows * a.vocab * (e + 4) + 2 * 8 * min(rows * a.vocab, SAMPLE_ELEMENTS) + gathered
+    return max(prefill_prompts * prompt_tokens * per_token, decode)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 
 from model.load import resolve_attention
-from rollout.cache import kv_budget_bytes, kv_bytes_per_token, min_pool_rows, pool_rows
+from rollout.cache import kv_budget_bytes, kv_bytes_per_token, pages_for, pool_pages, sample_pages, table_bytes
 
 from .config import Config
 from .footprint import (CUDA_RESERVE_BYTES, DTYPE_BYTES, GiB, PREFETCHED_LAYERS, Arch, activation_bytes,
@@ -39,11 +39,15 @@ class MemoryPlan:
     gathered: int  # full parameters in the compute dtype while sampling (FSDP only)
     kv_budget: int
     kv_budget_source: str  # how the budget was set
-    kv_width: int  # slots per cache row: data.max_prompt_tokens + rollout.max_new_tokens
+    kv_width: int  # tokens of one sample at its longest: data.max_prompt_tokens + rollout.max_new_tokens
     kv_bytes_per_token: int
-    kv_rows: int  # rows of kv_width that fit the budget
+    kv_page_size: int
+    kv_pages: int  # pages the budget buys (rollout.cache.pool_pages), at most what the largest call can use
     kv_samples: int  # samples of the largest sampler call a rank makes
-    kv_min_rows: int  # rows the sampler needs to make progress (rollout.cache.min_pool_rows)
+    kv_group: int  # the largest group of that call (its samples share their prompt's pages)
+    kv_rows: int  # rows a decode step carries at most: rollout.max_rows, or the call's samples x paths
+    kv_min_pages: int  # one sample at its longest (rollout.cache.sample_pages): the pool must hold it
+    kv_table_width: int  # entries of a page table: one sample's pages
     prefill: tuple  # (prompts, tokens) of the largest prefill forward
     sampling_work: int
     fsdp_units: int  # FSDP units gathered at once during the update, with their unsharded gradients
@@ -54,19 +58,25 @@ class MemoryPlan:
     activations: int  # saved + the backward working set, without activation checkpointing
     activations_ckpt: int  # the same with it
     reserve: int  # CUDA context and allocator allowance
+    kv_max_new: int = 0  # rollout.max_new_tokens
+    kv_blocks: int = 0  # blocks a structured response may open (rollout.max_parallel_blocks), 0 when causal
     problem: str | None = None  # the one message when it cannot fit
 
     @property
-    def kv_pool_rows(self) -> int:
-        """Rows of the pool at most: those that fit the budget, or fewer when the largest call samples fewer
-        (structured: num_paths rows per sample)."""
-        paths = self.num_paths if self.structured else 1
-        return min(self.kv_rows, self.kv_samples * paths)
-
-    @property
     def kv_pool(self) -> int:
-        """Bytes of K, V and the valid mask of the pool's rows (rollout.cache.StaticKV) at most."""
-        return self.kv_pool_rows * self.kv_width * (self.kv_bytes_per_token + 1)
+        """Bytes of the page pool (K, V and the fill of each page, the scratch page included) and its page tables
+        (rollout.cache.PagePool, rollout.decode.Decoder)."""
+        page = self.kv_page_size * self.kv_bytes_per_token + 4
+        return (self.kv_pages + 1) * page + table_bytes(self.kv_rows, self.kv_table_width)
+
+    def samples_held(self, response_share: float) -> int:
+        """Samples the pool holds at once when every response is `response_share` of rollout.max_new_tokens long
+        and every prompt data.max_prompt_tokens, groups of kv_group sharing their prompt's pages."""
+        prompt = self.kv_width - self.kv_max_new
+        own = sample_pages(0, max(1, round(response_share * self.kv_max_new)), self.kv_page_size,
+                           self.kv_blocks, self.num_paths)
+        per_group = pages_for(prompt, self.kv_page_size) + self.kv_group * own
+        return min(self.kv_samples, self.kv_pages * self.kv_group // per_group)
 
     @property
     def micro_batch_key(self) -> str:
@@ -130,8 +140,14 @@ def memory_plan(cfg: Config, model_config: dict, world_size: int = 1, device_byt
     else:  # kv_budget_bytes on CUDA, with the memory free when sampling starts predicted
         budget = int(ro.kv_cache_fraction * max(free, 0))
         source = f"rollout.kv_cache_fraction {ro.kv_cache_fraction:g} of {free / GiB:.1f} GiB free"
-    rows = pool_rows(budget, width, bpt)
     prompts, samples, group = sampling_calls(cfg, w)
+    blocks = ro.max_parallel_blocks if structured else 0
+    ps, paths = ro.page_size, ro.num_paths if structured else 1
+    min_pages = sample_pages(cfg.data.max_prompt_tokens, ro.max_new_tokens, ps, blocks, ro.num_paths)
+    rows = min(ro.max_rows, samples * paths)  # as rollout.sampler.Sampler.pool_plan
+    own = sample_pages(0, ro.max_new_tokens, ps, blocks, ro.num_paths)
+    wanted = prompts * pages_for(cfg.data.max_prompt_tokens, ps) + samples * own
+    pages = min(pool_pages(budget, ps, bpt, table_bytes(rows, min_pages)), wanted)
     prefill = (min(ro.prefill_rows, prompts), cfg.data.max_prompt_tokens)
     row_tokens = width if grpo else cfg.sft.max_total_tokens
     tokens = max(cfg.grpo.micro_batch_tokens if grpo else cfg.sft.micro_batch_tokens, row_tokens)
@@ -147,9 +163,10 @@ def memory_plan(cfg: Config, model_config: dict, world_size: int = 1, device_byt
         stage=cfg.name, kind=cfg.kind, structured=structured, num_paths=ro.num_paths, world=w,
         device_bytes=device_bytes, compute_dtype=compute, attention=attn, num_params=a.numel(), parameters=params,
         gradients=params, optimizer=2 * params, reference=reference, gathered=gathered, kv_budget=budget,
-        kv_budget_source=source, kv_width=width, kv_bytes_per_token=bpt, kv_rows=rows, kv_samples=samples,
-        kv_min_rows=min_pool_rows(group, structured, ro.num_paths), prefill=prefill,
-        sampling_work=sampling_work_bytes(a, *prefill, rows, e), fsdp_units=units,
+        kv_budget_source=source, kv_width=width, kv_bytes_per_token=bpt, kv_page_size=ps, kv_pages=pages,
+        kv_samples=samples, kv_group=group, kv_rows=rows, kv_min_pages=min_pages, kv_table_width=min_pages,
+        kv_max_new=ro.max_new_tokens, kv_blocks=blocks, prefill=prefill,
+        sampling_work=sampling_work_bytes(a, *prefill, rows, e, min_pages * ps), fsdp_units=units,
         micro_batch_tokens=tokens, checkpointing=cfg.model.gradient_checkpointing, saved=saved,
         saved_ckpt=saved_ckpt, activations=act, activations_ckpt=act_ckpt, reserve=reserve)
     if not cuda:
@@ -173,17 +190,18 @@ def fit_problem(plan: MemoryPlan, cfg: Config, free: int, row_tokens: int, fits)
     beside = f"the model states ({_gib(plan.resident)}), the gathered copy ({_gib(plan.gathered)})"
     if free <= work:
         return f"{beside} and the sampling working set ({_gib(work)}) do not fit {on}: {more_ranks}"
-    if plan.kv_rows < plan.kv_min_rows:
-        need = plan.kv_min_rows * plan.kv_width * (plan.kv_bytes_per_token + 1)
+    if plan.kv_pages < plan.kv_min_pages:
+        need = replace(plan, kv_pages=plan.kv_min_pages).kv_pool
         if ro.kv_cache_gb is not None:
             knob = f"raise rollout.kv_cache_gb to at least {math.ceil(need / GiB * 10) / 10:g}"
         elif need <= free - work:
             knob = f"raise rollout.kv_cache_fraction (now {ro.kv_cache_fraction:g}) to at least {need / free:.2f}"
         else:
             knob = f"lower rollout.max_new_tokens (now {ro.max_new_tokens}) or {more_ranks}"
-        return (f"the KV budget ({plan.kv_budget_source}: {_gib(plan.kv_budget)}) holds {plan.kv_rows} cache "
-                f"row{'s' * (plan.kv_rows != 1)} of {plan.kv_width} tokens (data.max_prompt_tokens + "
-                f"rollout.max_new_tokens), but sampling needs at least {plan.kv_min_rows}: {knob}")
+        return (f"the KV budget ({plan.kv_budget_source}: {_gib(plan.kv_budget)}) buys {plan.kv_pages} page"
+                f"{'s' * (plan.kv_pages != 1)} of {plan.kv_page_size} tokens, but one sample at its longest "
+                f"({plan.kv_width} tokens: data.max_prompt_tokens + rollout.max_new_tokens) needs "
+                f"{plan.kv_min_pages}: {knob}")
     if plan.peak_sampling > dev:  # (a fraction-set budget leaves 1 - fraction free)
         if ro.kv_cache_gb is not None:
             return (f"rollout.kv_cache_gb {ro.kv_cache_gb:g} does not fit beside {beside} and the sampling working "
@@ -229,14 +247,13 @@ def format_plan(plan: MemoryPlan) -> str:
     row("reference model", plan.reference, "grpo.kl_coef > 0: sharded like the parameters" if plan.reference
         else "none (grpo.kl_coef = 0)")
     row("gathered copy (sampling)", plan.gathered, f"all parameters in {dt}" if fsdp else "none: one process")
-    paths = plan.num_paths if plan.structured else 1
-    waves = math.ceil(plan.kv_samples * paths / max(plan.kv_rows, 1))
-    flight = (f"{plan.kv_rows} samples in flight" if not plan.structured else
-              f"{plan.kv_rows} samples in flight, ~{plan.kv_rows // paths} while all have a block open")
+    held = [plan.samples_held(share) for share in (1.0, 0.5, 0.25)]
     row("KV pool (sampling)", plan.kv_pool, f"budget {plan.kv_budget / GiB:.2f} GiB ({plan.kv_budget_source}): "
-        f"{plan.kv_bytes_per_token / 1024:g} KiB per token, rows of {plan.kv_width} tokens")
-    lines.append(f"  {'':41}{plan.kv_rows} rows = {flight}; the largest sampler call (a step or the evaluation) "
-                 f"{plan.kv_samples} samples ({waves} wave{'s' * (waves > 1)}); at least {plan.kv_min_rows} rows needed")
+        f"{plan.kv_bytes_per_token / 1024:g} KiB per token, {plan.kv_pages} pages of {plan.kv_page_size} tokens")
+    lines.append(f"  {'':41}holds {held[0]} samples at the length limit ({plan.kv_width} tokens), {held[1]} with "
+                 f"responses at half the limit, {held[2]} at a quarter (groups of {plan.kv_group} share their "
+                 f"prompt); the largest sampler call {plan.kv_samples} samples, at most {plan.kv_rows} rows a decode "
+                 f"step (rollout.max_rows); one sample at its longest needs {plan.kv_min_pages} pages")
     row("sampling working set", plan.sampling_work,
         f"prefill of {plan.prefill[0]} prompts x {plan.prefill[1]} tokens (or a decode step's logits)")
     row("FSDP units (update)", plan.fsdp_units,
@@ -269,9 +286,9 @@ def plan_headline(plan: MemoryPlan | str) -> str:
         fit = "CPU: not checked"
     else:
         fit = f"of {size(plan.device_bytes)}, {'fits' if plan.problem is None else 'DOES NOT FIT'}"
-    spare = f" (its budget holds {plan.kv_rows})" if plan.kv_pool_rows < plan.kv_rows else ""
     return (f"peak {size(plan.peak_sampling)} while sampling, {size(plan.peak_update)} while updating ({fit}); "
-            f"KV pool {plan.kv_pool_rows} rows of {plan.kv_width} tokens{spare}")
+            f"KV pool {plan.kv_pages} pages of {plan.kv_page_size} tokens, {plan.samples_held(1.0)} samples at "
+            f"the length limit, {plan.samples_held(0.25)} at a quarter of it")
 
 
 # --- the stages of a config ----------------------------------------------------------------------------------

@@ -254,7 +254,8 @@ def resolve_init(stage: Config, earlier: dict) -> str | None:
 # match.
 RUN_ONLY_KEYS = ("name", "run_dir", "quick", "short", "model.device", "model.attn_implementation",
                  "model.gradient_checkpointing", "rollout.prefill_rows", "rollout.kv_cache_gb",
-                 "rollout.kv_cache_fraction", "grpo.micro_batch_tokens", "grpo.logprob_chunk", "sft.micro_batch_tokens",
+                 "rollout.kv_cache_fraction", "rollout.page_size", "rollout.max_rows", "rollout.cuda_graphs",
+                 "grpo.micro_batch_tokens", "grpo.logprob_chunk", "sft.micro_batch_tokens",
                  "sft.eval_every", "sft.eval_samples", "reward.workers", "checkpoint", "eval", "report")
 # The length of a stage: raising it continues a finished stage from its last checkpoint.
 LENGTH_KEYS = ("grpo.steps", "sft.steps", "sft.epochs")

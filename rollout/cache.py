@@ -1,36 +1,28 @@
-"""The sampler's KV cache: a fixed pool of rows written by slot (gpt-fast's `setup_caches`), and its budget.
+"""The sampler's paged KV cache (DESIGN.md rollout/sampler.py "Memory"): one pool of fixed-size pages bought by
+the budget, and its host-side bookkeeping.
 
-Buffers are allocated once per generate call at (rows, kv_heads, slots, head_dim) per layer, never more
-rows than the budget holds (`pool_rows`); each decode forward writes one token per row at that row's own
-slot, so rows advance independently (a row that branches into paths, a row that absorbs its paths' keys).
-Only the first `active` rows are computed: finished rows are swapped out of that prefix and new rows
-copied into it, never the whole cache. Keys are stored after the rotary embedding, so slot order does not
-matter to attention; what a row may see is its `valid` slots.
-
-It is driven by the stock transformers Qwen3 attention, which calls `update(key, value, layer_idx, ...)`.
+Keys and values live in `k[layer]`, `v[layer]` of shape (pages + 1, page_size, H_kv, D); the last page is a
+scratch page that takes the writes of padding. A sequence is a *page table* (a host list of page ids). A page is
+written by one sequence, in order, and read by every table that lists it: a group's prompt by its samples, a
+block's prefix by its paths, every path by the summary. A page listed by more than one table is never written
+again (its sharers start new pages), so a partly filled page may sit inside a table: `fill[p]`, the tokens
+written to page p, says which of its slots a reader sees. Nothing is ever copied to share. Keys are stored after
+the rotary embedding, so the order of slots does not matter to attention (rollout/attention.py).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 GiB = 2**30
 CPU_DEFAULT_KV_BYTES = 4 * GiB  # the CPU budget when rollout.kv_cache_gb is unset (the demo needs a few MiB)
+DEFAULT_PAGE_SIZE = 16  # tokens per page: small pages waste little at the end of each shared segment
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
     """Bytes of K and V that one cached token takes over all layers (Qwen3-4B in bf16: 147,456 = 144 KiB)."""
     return 2 * num_layers * kv_heads * head_dim * dtype_bytes
-
-
-def pool_rows(budget_bytes: int, width: int, bytes_per_token: int) -> int:
-    """Cache rows of `width` slots that fit in `budget_bytes`: K, V and the (R, S) bool `valid` mask."""
-    return int(budget_bytes // (width * (bytes_per_token + 1)))
-
-
-def min_pool_rows(n: int, structured: bool, num_paths: int) -> int:
-    """Rows a pool needs to make progress: a prompt's seed row and one sample copied from it (n > 1), plus the
-    rows of one block's other paths when structured (rollout/run.py admission)."""
-    return (2 if n > 1 else 1) + (num_paths - 1 if structured else 0)
 
 
 def kv_budget_bytes(kv_cache_gb: float | None, kv_cache_fraction: float, device: torch.device) -> int:
@@ -46,62 +38,126 @@ def kv_budget_bytes(kv_cache_gb: float | None, kv_cache_fraction: float, device:
     return CPU_DEFAULT_KV_BYTES
 
 
-class StaticKV:
-    def __init__(self, num_layers: int, rows: int, kv_heads: int, slots: int, head_dim: int,
+def pages_for(tokens: int, page_size: int) -> int:
+    return math.ceil(tokens / page_size)
+
+
+def sample_pages(prompt_tokens: int, max_new_tokens: int, page_size: int, blocks: int = 0, num_paths: int = 2) -> int:
+    """Pages one sample holds at most: its prompt's, its response's, and one partly filled page per segment that
+    starts on a new page (the response after the shared prompt; each path of each block, whose prefix is shared)."""
+    return pages_for(prompt_tokens, page_size) + pages_for(max_new_tokens, page_size) + 1 + blocks * num_paths
+
+
+def table_bytes(rows: int, max_pages: int) -> int:
+    """Bytes of the device page tables: one int64 row of `max_pages` per row in flight, plus the padding row."""
+    return (rows + 1) * max_pages * 8
+
+
+def pool_pages(budget_bytes: int, page_size: int, bytes_per_token: int, tables: int = 0) -> int:
+    """Pages (besides the scratch page) that `budget_bytes` buys after `tables` bytes of page tables: K and V of
+    `page_size` tokens plus the page's int32 fill counter each."""
+    return max(0, (budget_bytes - tables) // (page_size * bytes_per_token + 4) - 1)
+
+
+class PagePool:
+    """The device side: K and V pages per layer and each page's fill. Written by the attention function."""
+
+    def __init__(self, num_layers: int, pages: int, page_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (rows, kv_heads, slots, head_dim)
+        shape = (pages + 1, page_size, kv_heads, head_dim)  # the last page is the scratch page
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=device)  # (R, S) slots a row sees
-        self.active = 0  # rows [0, active) are computed by a decode step
-        self.prefill_rows = None  # (P,) long: the rows a prefill forward writes; None while decoding
-        self.slot = None  # (active,) long: where a decode step writes
-        self.width = 0  # slots [0, width) are attended over
-
-    @property
-    def capacity(self) -> int:
-        return self.valid.shape[0]
-
-    @property
-    def slots(self) -> int:
-        return self.valid.shape[1]
+        self.fill = torch.zeros(pages + 1, dtype=torch.int32, device=device)  # (pages + 1,) tokens written
+        self.page_size, self.scratch = page_size, pages
+        self.fill[pages] = 1  # padding rows see the scratch page's first slot: never an empty softmax
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.valid))
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.fill))
 
-    # --- the interface the transformers attention calls -------------------------------------------
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        """key/value: (rows, H_kv, q, D). A prefill writes q tokens at slots 0..q-1 of `prefill_rows` and
-        attends over those alone; a decode step writes one token per active row at its slot."""
-        k, v = self.k[layer_idx], self.v[layer_idx]
-        if self.prefill_rows is not None:
-            q = key.shape[2]
-            k[self.prefill_rows, :, :q], v[self.prefill_rows, :, :q] = key, value
-            return key, value
-        rows = torch.arange(key.shape[0], device=key.device)
-        k[rows, :, self.slot] = key[:, :, 0]  # (n, H_kv, D)
-        v[rows, :, self.slot] = value[:, :, 0]
-        n = key.shape[0]
-        return k[:n, :, : self.width], v[:n, :, : self.width]
+    @property
+    def scratch_slot(self) -> int:
+        return self.scratch * self.page_size
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width
+    def mark_written(self, slots: torch.Tensor) -> None:
+        """Raise the fill of the pages that `slots` (flat slot ids, page * page_size + offset) write to. A page
+        reused after being freed starts over: the largest offset written now is its fill."""
+        self.fill.scatter_reduce_(0, slots // self.page_size, (slots % self.page_size + 1).to(torch.int32),
+                                  "amax", include_self=False)
 
-    # --- row management ---------------------------------------------------------------------------
-    def mask(self) -> torch.Tensor:
-        """(active, 1, 1, width) bool attention mask for a one-token step."""
-        return self.valid[: self.active, None, None, : self.width]
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """key/value (B, H_kv, T, D) after the rotary embedding, into flat slots (B*T,)."""
+        H, D = key.shape[1], key.shape[3]
+        for buf, new in ((self.k[layer], key), (self.v[layer], value)):
+            buf.view(-1, H, D).index_copy_(0, slots, new.transpose(1, 2).reshape(-1, H, D).to(buf.dtype))
 
-    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor, width: int) -> None:
-        """Row dst[i] := row src[i]: keys and values of slots [0, width), the whole `valid` row. The
-        right-hand side is gathered first, so overlapping dst and src are safe."""
-        for buf in (*self.k, *self.v):
-            buf[dst, :, :width] = buf[src, :, :width]
-        self.valid[dst] = self.valid[src]
+    def gather(self, layer: int, tables: torch.Tensor):
+        """Keys and values of the pages in `tables` (R, P), as (R, H_kv, P * page_size, D) each."""
+        R, P = tables.shape
+        out = []
+        for buf in (self.k[layer], self.v[layer]):
+            kv = buf[tables]  # (R, P, page_size, H_kv, D)
+            out.append(kv.view(R, P * self.page_size, kv.shape[-2], kv.shape[-1]).transpose(1, 2))
+        return out
 
-    def copy_slots(self, dst_row: int, dst_start: int, src_row: int, src_start: int, n: int) -> None:
-        """Move n slots of one row into another row at another offset (a path joining its block)."""
-        for buf in (*self.k, *self.v):
-            buf[dst_row, :, dst_start:dst_start + n] = buf[src_row, :, src_start:src_start + n]
-        self.valid[dst_row, dst_start:dst_start + n] = self.valid[src_row, src_start:src_start + n]
+    def visible(self, tables: torch.Tensor, num_pages: torch.Tensor) -> torch.Tensor:
+        """(R, 1, 1, P * page_size) bool: the filled slots of each row's first `num_pages` (R,) table pages."""
+        R, P = tables.shape
+        offset = torch.arange(self.page_size, device=tables.device)
+        filled = offset < self.fill[tables][..., None]  # (R, P, page_size)
+        listed = torch.arange(P, device=tables.device)[None, :] < num_pages[:, None]  # (R, P)
+        return (filled & listed[..., None]).view(R, 1, 1, P * self.page_size)
+
+
+class PageTables:
+    """The host side: which pages are free, how many tables list each page, and how full each page is (a mirror
+    of PagePool.fill kept without reading the device)."""
+
+    def __init__(self, pages: int, page_size: int):
+        self.page_size = page_size
+        self.free = list(range(pages - 1, -1, -1))  # popped from the end: lowest ids first
+        self.refs = [0] * pages
+        self.fill = [0] * pages
+        self.peak = 0  # most pages in use at once
+        self.tokens = 0  # tokens written to the pages in use
+
+    @property
+    def total(self) -> int:
+        return len(self.refs)
+
+    @property
+    def in_use(self) -> int:
+        return self.total - len(self.free)
+
+    def take(self) -> int | None:
+        """A free page (listed once, empty), or None when the pool is dry."""
+        if not self.free:
+            return None
+        p = self.free.pop()
+        self.refs[p], self.fill[p] = 1, 0
+        self.peak = max(self.peak, self.in_use)
+        return p
+
+    def share(self, pages: list[int]) -> list[int]:
+        """One more table lists `pages`; returns a copy of the list for it."""
+        for p in pages:
+            self.refs[p] += 1
+        return list(pages)
+
+    def release(self, pages: list[int]) -> None:
+        """A table that listed `pages` is gone; pages no table lists any more are free."""
+        for p in pages:
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self.free.append(p)
+                self.tokens -= self.fill[p]
+
+    def writable(self, p: int) -> bool:
+        """Page p may take the next token of the one table that lists it."""
+        return self.refs[p] == 1 and self.fill[p] < self.page_size
+
+    def next_slot(self, p: int) -> int:
+        """The flat slot of page p's next token; counts it as written."""
+        self.fill[p] += 1
+        self.tokens += 1
+        return p * self.page_size + self.fill[p] - 1

@@ -1,127 +1,192 @@
-"""One `Sampler.generate` call as a state machine over a fixed pool of cache rows (continuous batching).
+"""One `Sampler.generate` call as a state machine over the page pool (continuous batching), kept on the host.
 
-`Run` owns every piece of sampling state: the prompts still waiting, the rows in the pool, the results.
-Each iteration the sampler asks it which prompts to prefill (`admit`), prefills them, lets it copy seeds
-into free rows (`spawn`), runs one decode step over the rows in use and hands the sampled tokens back
-(`advance`). Finished rows leave the pool at once and the next waiting samples take their rows.
+Each iteration the sampler asks `schedule()` which waiting samples start now (their first token was drawn from
+their group's prefill) and which groups to prefill; `decode_rows()` gives every row it feeds a slot to write,
+taking a new page when its last one is full or shared; after the forwards and one read of the sampled tokens,
+`advance()` applies them. Finished rows give their pages back at once and waiting samples take their place.
 
-Admission order is sample order. A group is prefilled once, into the row of its last sample (the seed);
-the other samples are copied from the seed as rows free up, and the seed starts when the last copy is
-made. Structured mode keeps `num_paths - 1` rows free at admission so that a block can always open; a
-row that wants to open a block while the pool is short waits (idle) until rows come back, and waiting
-rows go before new samples. Which rows share a step never changes a sample (rollout/noise.py).
-Block mechanics (branching into paths, merging them back) are in rollout/structured.py.
+Admission is in group order: a sample starts when a row is free (structured: `num_paths - 1` kept free for a
+block) and the pool keeps a free page per decoding row; the next groups are prefilled ahead, so a freed row is
+refilled at the next step. When a row needs a page and the pool is dry, the newest work goes first: a prompt
+prefilled ahead, else the newest running sample, which is *preempted*: its pages go back and it starts over
+later. Its noise is counter-based (rollout/noise.py), so it writes the same tokens again: a sample depends on its
+prompt, its index and the seed, never on the budget or on which samples shared its steps. The oldest running
+sample is never preempted for a newer one, so the pool never deadlocks as long as one sample fits (checked
+before sampling). Block mechanics (paths as page lists, the join) are in rollout/structured.py.
 """
 from __future__ import annotations
 
-from collections import deque
-
 import torch
 
-from .rows import Limits, Rollout, Row, RowPool
 from . import structured as st
+from .cache import PageTables, pages_for
+from .rows import Group, Limits, Out, Rollout, Row, Sample
 
 
 class Run:
-    def __init__(self, pool: RowPool, limits: Limits, num_prompts: int, n: int):
-        self.pool, self.lim, self.n, self.N, self.M = pool, limits, n, num_prompts * n, limits.max_new_tokens
-        dev = pool.buf.tok.device
-        events = set(limits.stop_ids) | (set(limits.tags.as_tuple()) if limits.structured else set())
-        self.event_ids = torch.tensor(sorted(events) or [-1], device=dev)
+    def __init__(self, prompts: list, n: int, limits: Limits, pages: PageTables, max_rows: int):
+        self.lim, self.n, self.M, self.pages = limits, n, limits.max_new_tokens, pages
+        self.groups = [Group(i, list(p)) for i, p in enumerate(prompts)]
+        for g in self.groups:
+            g.samples = [Sample(g.index * n + j, g) for j in range(n)]
+        self.samples = [s for g in self.groups for s in g.samples]
+        self.pending = list(self.groups)  # groups with a sample not finished, in order
+        self.rows: list[Row] = []  # rows in the pool (decoding or waiting), in the order they were made
+        self.free_bufs = list(range(max_rows - 1, -1, -1))  # lines of the device page-table buffer
+        self.table_writes: list[tuple[int, int, int]] = []  # (line, entry, page) to upload before the next forward
         self.tag_set = set(limits.tags.as_tuple()) if limits.structured else set()
-        self.reserve = limits.num_paths - 1 if limits.structured else 0  # rows kept free for a block
-        z = lambda dt: torch.zeros(self.N, self.M, dtype=dt, device=dev)  # noqa: E731
-        self.res_tok, self.res_pos, self.res_logp, self.res_forced = z(torch.long), z(torch.long), z(torch.float32), z(torch.bool)
-        self.res_len = [0] * self.N
-        self.reason = [""] * self.N
-        self.waiting = deque(range(num_prompts))  # prompts whose samples are not all in the pool yet
-        self.seeds: dict[int, tuple[Row, int]] = {}  # prompt -> (its seed row, copies made so far)
-        self.to_branch: list[Row] = []  # rows that want to open a block, in order
-        self.gone: list[Row] = []  # rows to drop at the end of this step
-        self.first_step = [-1] * self.N  # decode step at which each sample started
-        # decode steps; for joined blocks: steps they were open and path tokens they hold; blocks that
-        # waited for rows before opening
-        self.stats = {"steps": 0, "blocks": 0, "block_steps": 0, "path_tokens": 0, "stalled_blocks": 0}
+        self.reserve = limits.num_paths - 1 if limits.structured else 0  # rows kept free so a block can open
+        self.to_branch: list[Row] = []  # rows that wrote <Parallel> this step, in order
+        self.results: list = [None] * len(self.samples)  # per sample: (Out, finish reason)
+        self.first_step = [-1] * len(self.samples)
+        self.running = 0  # samples in the pool
+        self.stats = {"steps": 0, "prefills": 0, "blocks": 0, "block_steps": 0, "path_tokens": 0,
+                      "longest_path_tokens": 0, "preempted": 0, "recomputed_tokens": 0, "row_steps": 0,
+                      "peak_rows": 0, "sample_steps": 0, "slot_steps": 0, "token_steps": 0}
 
     @property
     def done(self) -> bool:
-        return not self.pool.rows and not self.waiting
+        return not self.pending
 
     # --- admission ---------------------------------------------------------------------------------
-    def admit(self, max_prompts: int) -> list[tuple[int, Row]]:
-        """Seed rows for the next waiting prompts that free rows can take now (at most `max_prompts`);
-        the caller prefills them. Rows waiting to open a block go first: nothing is admitted then."""
-        if self.to_branch:
-            return []
-        free, new = self.pool.free - self.reserve, []
-        for p in self.waiting:
-            if free <= 0 or len(new) == max_prompts:
+    def schedule(self, prefill_rows: int) -> list[Group]:
+        """Start waiting samples of resident groups, in order, while a row and the watermark allow; return the
+        groups to prefill now (pages taken; their first tokens are drawn with this step's)."""
+        decoding = sum(not r.waiting for r in self.rows)
+        blocked = False
+        for g in self.pending:
+            if g.first is None:
+                continue  # not prefilled yet
+            for s in g.waiting:
+                if len(self.free_bufs) <= self.reserve or len(self.pages.free) <= decoding:
+                    blocked = True
+                    break
+                self.start(s)
+                decoding += sum(not r.waiting for r in s.rows)
+            if blocked:
                 break
-            if p not in self.seeds:
-                seed = self.pool.add_empty([p * self.n + self.n - 1])[0]
-                seed.seed = True
-                self.seeds[p] = (seed, 0)
-                new.append((p, seed))
-                free -= 1
-            free -= self.n - 1 - self.seeds[p][1]  # rows its copies will take (spawn)
+        ready = sum(len(g.waiting) for g in self.pending if g.first is not None)
+        new = []
+        for g in self.pending:
+            if g.pages is not None or not g.waiting:
+                continue
+            need = pages_for(len(g.prompt), self.pages.page_size)
+            if (len(new) == prefill_rows or ready >= len(self.free_bufs) + self.n
+                    or len(self.pages.free) < need + decoding + 1):
+                break
+            g.pages = [self.pages.take() for _ in range(need)]
+            new.append(g)
+            ready += len(g.waiting)
         return new
 
-    def spawn(self) -> None:
-        """Copy seeds into free rows, in sample order; a seed whose copies are all made starts itself."""
-        while self.waiting and self.waiting[0] in self.seeds and not self.to_branch:
-            p = self.waiting[0]
-            seed, made = self.seeds[p]
-            count = min(self.n - 1 - made, self.pool.free - self.reserve)
-            if count > 0:
-                samples = list(range(p * self.n + made, p * self.n + made + count))
-                for r in self.pool.add_copies([seed] * count, samples, [0] * count):
-                    self._start(r)
-                made += count
-                self.seeds[p] = (seed, made)
-            if made < self.n - 1:
-                return  # the pool is full: the rest of this group waits for rows
-            seed.seed = False
-            self._start(seed)
-            del self.seeds[p]
-            self.waiting.popleft()
+    def start(self, s: Sample) -> None:
+        """Sample s's main row lists its prompt's pages; its first token (drawn at the prefill) is applied as if
+        sampled by a decode step."""
+        g = s.group
+        s.state = "running"
+        self.running += 1
+        self.first_step[s.index] = self.stats["steps"]
+        row = self.new_row(s, self.pages.share(g.pages), s.out, tok=g.prompt[-1], pos=len(g.prompt) - 1)
+        tok, logp = g.first[s.index - g.index * self.n]
+        self.step_row(row, tok, logp)
 
-    def _start(self, row: Row) -> None:
-        self.first_step[row.sample] = self.stats["steps"]
+    def new_row(self, s: Sample, pages: list, out: Out, *, tok: int, pos: int, base: int = 0, stream: int = 0) -> Row:
+        row = Row(s, self.free_bufs.pop(), pages, out, base=base, stream=stream, tok=tok, pos=pos)
+        self.table_writes += [(row.buf, j, p) for j, p in enumerate(pages)]
+        self.rows.append(row)
+        s.rows.append(row)
+        return row
 
-    # --- one decode step ---------------------------------------------------------------------------
-    def advance(self, tok: torch.Tensor, logp: torch.Tensor) -> None:
-        """Apply one step's sampled tokens (R,) and log-probs (R,) to every row in the pool."""
-        buf, rows = self.pool.buf, self.pool.rows
-        R, logp = len(rows), logp.float()  # recorded in float32 whatever the compute dtype
-        self.stats["steps"] += 1
-        slow = torch.tensor([bool(r.queue or r.then or r.idle or r.block) for r in rows], device=tok.device)
-        event = slow | torch.isin(tok, self.event_ids) | (buf.out_len[:R] + 1 >= self.M)  # (R,)
-        fast = (~event).nonzero()[:, 0]
-        n = buf.out_len[fast]
-        buf.out_tok[fast, n], buf.out_logp[fast, n], buf.out_forced[fast, n] = tok[fast], logp[fast], False
-        buf.out_pos[fast, n] = buf.pos[fast] + 1
-        buf.out_len[fast] += 1
-        buf.tok[fast], buf.pos[fast] = tok[fast], buf.pos[fast] + 1
-        for i in event.nonzero()[:, 0].tolist():
-            self.step_row(rows[i], int(tok[i]), float(logp[i]))
+    def drop_row(self, row: Row) -> None:
+        self.pages.release(row.pages)
+        row.pages = []
+        self.free_bufs.append(row.buf)
+        row.sample.rows.remove(row)
+
+    # --- pages ---------------------------------------------------------------------------------------
+    def decode_rows(self) -> list[tuple[Row, int]]:
+        """The rows fed this step, oldest sample first, with the flat slot each writes; a row whose last page is
+        shared or full gets a new one (making room when the pool is dry)."""
+        fed = []
+        for row in sorted((r for r in self.rows if not r.waiting), key=lambda r: r.sample.index):
+            if row.sample.state != "running":
+                continue  # preempted to make room for an older row
+            if not row.pages or not self.pages.writable(row.pages[-1]):
+                if not self.pages.free and not self.make_room(row.sample):
+                    continue
+                p = self.pages.take()
+                self.table_writes.append((row.buf, len(row.pages), p))
+                row.pages.append(p)
+            fed.append((row, self.pages.next_slot(row.pages[-1])))
+        self._forget_gone()
+        return [(r, slot) for r, slot in fed if r.sample.state == "running"]
+
+    def make_room(self, s: Sample, rows: int = 0) -> bool:
+        """Free a page (or `rows` row lines) for sample s by sending the newest work back: a prompt prefilled
+        ahead whose samples are not running, else the newest running sample. False when s itself was the newest
+        and went back."""
+        while not (len(self.free_bufs) >= rows if rows else self.pages.free):
+            running = [x for x in self.samples if x.state == "running" and x is not s]
+            idle = [g for g in self.pending if g.pages is not None and not any(x.state == "running" for x in g.samples)]
+            newest = max(running, key=lambda x: x.index, default=None)
+            if not rows and idle and (newest is None or idle[-1].index * self.n > newest.index):
+                self.drop_prompt(idle[-1])
+            elif newest is not None and newest.index > s.index:
+                self.preempt(newest)
+            elif not rows and idle:
+                self.drop_prompt(idle[-1])
+            else:
+                self.preempt(s)
+                return False
+        return True
+
+    def preempt(self, s: Sample) -> None:
+        """Send a running sample back to wait: its pages go back, it will start over from its prompt."""
+        for row in list(s.rows):
+            self.drop_row(row)
+        self.stats["preempted"] += 1
+        self.stats["recomputed_tokens"] += len(s.out)
+        s.out, s.blocks, s.malformed, s.state = Out(), 0, False, "waiting"
+        self.running -= 1
+
+    def drop_prompt(self, g: Group) -> None:
+        self.pages.release(g.pages)
+        g.pages = g.first = None
+
+    def _forget_gone(self) -> None:
+        self.rows = [r for r in self.rows if r.pages]
+
+    # --- one step ------------------------------------------------------------------------------------
+    def advance(self, fed: list, tokens: list, logps: list, drawn: list[Group], first: list) -> None:
+        """Apply one step: the tokens (and log-probs) sampled for the fed rows, in order, then the first tokens
+        drawn for each sample of the groups prefilled this step (n per group, in order)."""
+        st_ = self.stats
+        if fed:
+            st_["steps"] += 1
+            st_["row_steps"] += len(fed)
+            st_["peak_rows"] = max(st_["peak_rows"], len(fed))
+            st_["sample_steps"] += self.running
+            st_["slot_steps"] += self.pages.in_use * self.pages.page_size
+            st_["token_steps"] += self.pages.tokens
+        for (row, _), tok, logp in zip(fed, tokens, logps):
+            if row.sample.state == "running" and row.pages:
+                self.step_row(row, tok, logp)
+        for i, g in enumerate(drawn):
+            g.first = first[i * self.n:(i + 1) * self.n]
+        st_["prefills"] += bool(drawn)
         if self.lim.structured:
             st.settle_blocks(self)
-        self.pool.remove(self.gone)
-        self.gone = []
-        if self.lim.structured:
             st.open_blocks(self)
+        self._forget_gone()
 
     def step_row(self, row: Row, tok: int, logp: float) -> None:
-        buf, r = self.pool.buf, row.idx
         if row.then == "wait":  # its </Path> is in the cache now: wait for the sibling paths
             row.then, row.waiting = "", True
-            return
-        if row.idle:
             return
         if row.then == "branch":  # <Parallel> is in the cache: every path starts with a forced <Path>
             row.then = ""
             self.append_forced(row, self.lim.tags.path_open)
-            if row not in self.gone:  # the forced <Path> may reach the length limit
+            if row.sample.state == "running":  # the forced <Path> may reach the length limit
                 self.to_branch.append(row)
             return
         if row.queue:
@@ -130,48 +195,61 @@ class Run:
         if row.block is not None:
             st.path_token(self, row, tok, logp)
             return
-        buf.append(r, tok, logp, False, int(buf.pos[r]) + 1)
+        self.append(row, tok, logp, False, row.pos + 1)
         if tok in self.lim.stop_ids:
-            self.finish(row, "stop")
-        elif self.lim.structured and not row.malformed and tok in self.tag_set:
+            self.finish(row.sample, "stop")
+        elif self.lim.structured and not row.sample.malformed and tok in self.tag_set:
             st.main_tag(self, row, tok)
-        if row not in self.gone and int(buf.out_len[r]) >= self.M:
-            self.finish(row, "length")
+        if row.sample.state == "running" and len(row.out) >= self.M:
+            self.finish(row.sample, "length")
+
+    @staticmethod
+    def append(row: Row, tok: int, logp: float, forced: bool, pos: int) -> None:
+        """Write one token to the row's stream and make it the token fed next."""
+        row.out.append(tok, logp, forced, pos)
+        row.tok, row.pos = tok, pos
 
     def append_forced(self, row: Row, tok: int, pos: int | None = None) -> None:
-        buf, r = self.pool.buf, row.idx
-        buf.append(r, tok, 0.0, True, int(buf.pos[r]) + 1 if pos is None else pos)
+        self.append(row, tok, 0.0, True, row.pos + 1 if pos is None else pos)
         if row.block is not None:
             if tok == self.lim.tags.path_close:
                 row.then = "wait"
-        elif int(buf.out_len[r]) >= self.M:  # a path's length is the block's budget (structured.py)
-            self.finish(row, "length")
+        elif len(row.out) >= self.M:  # a path's length is the block's budget (structured.py)
+            self.finish(row.sample, "length")
 
-    def finish(self, row: Row, reason: str) -> None:
-        buf, r, s = self.pool.buf, row.idx, row.sample
-        L = int(buf.out_len[r])
-        self.res_tok[s, :L], self.res_pos[s, :L] = buf.out_tok[r, :L], buf.out_pos[r, :L]
-        self.res_logp[s, :L], self.res_forced[s, :L] = buf.out_logp[r, :L], buf.out_forced[r, :L]
-        self.res_len[s], self.reason[s] = L, reason
-        self.gone.append(row)
+    def finish(self, s: Sample, reason: str) -> None:
+        for row in list(s.rows):
+            self.drop_row(row)
+        s.state = "done"
+        self.running -= 1
+        self.results[s.index] = (s.out, reason)
+        g = s.group
+        if all(x.state == "done" for x in g.samples):
+            self.drop_prompt(g)
+            self.pending.remove(g)
 
     # --- the record --------------------------------------------------------------------------------
-    def result(self, prompts: list, pad_id: int, cache_bytes: int) -> Rollout:
-        dev = self.res_tok.device
-        Lp = max(map(len, prompts))
-        pids = torch.full((len(prompts), Lp), pad_id, dtype=torch.long, device=dev)
-        pmask = torch.zeros(len(prompts), Lp, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):  # left-padded, as the trainer lays a row out
-            pids[i, Lp - len(p):], pmask[i, Lp - len(p):] = torch.tensor(p, device=dev), 1
-        src = torch.arange(self.N, device=dev) // self.n  # sample s belongs to prompt s // n
-        width = max(self.res_len)
-        lens = torch.tensor(self.res_len, device=dev)
-        mask = torch.arange(width, device=dev)[None, :] < lens[:, None]  # (N, M)
-        ids = self.res_tok[:, :width].masked_fill(~mask, pad_id)
-        pool = self.pool
-        stats = dict(self.stats, pool_rows=pool.cache.capacity, peak_rows=pool.peak, kv_bytes=cache_bytes,
-                     slot_use=pool.slots_used / max(pool.row_steps * pool.cache.slots, 1),
-                     first_step=tuple(self.first_step))
-        return Rollout(pids[src], pmask[src], ids, mask.long(), self.res_logp[:, :width] * mask,
-                       (self.res_forced[:, :width] & mask).long(), self.res_pos[:, :width] * mask,
-                       tuple(self.reason), self.n, stats)
+    def result(self, pad_id: int, device, kv_bytes: int, max_rows: int) -> Rollout:
+        Lp = max(len(g.prompt) for g in self.groups)
+        plen = torch.tensor([len(s.group.prompt) for s in self.samples])  # (N,)
+        pids = torch.stack([torch.cat([torch.full((Lp - len(s.group.prompt),), pad_id), torch.tensor(s.group.prompt)])
+                            for s in self.samples])  # (N, Lp) left-padded, as the trainer lays a row out
+        pmask = (torch.arange(Lp)[None, :] >= Lp - plen[:, None]).long()  # (N, Lp)
+        outs = [out for out, _ in self.results]
+
+        def padded(name, value, dtype):  # (N, M) right-padded
+            rows = [torch.tensor(getattr(out, name), dtype=dtype) for out in outs]
+            return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+        lengths = [len(out) for out in outs]
+        mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()  # (N, M)
+        tensors = [t.to(device) for t in (pids, pmask, padded("tok", pad_id, torch.long), mask,
+                                          padded("logp", 0.0, torch.float32), padded("forced", 0, torch.long),
+                                          padded("pos", 0, torch.long))]
+        st_, pages = self.stats, self.pages
+        steps = max(st_["steps"], 1)
+        stats = {k: v for k, v in st_.items() if k not in ("row_steps", "sample_steps", "slot_steps", "token_steps")}
+        stats.update(pages=pages.total, page_size=pages.page_size, peak_pages=pages.peak, kv_bytes=kv_bytes,
+                     max_rows=max_rows, mean_rows=st_["row_steps"] / steps, mean_samples=st_["sample_steps"] / steps,
+                     slot_use=st_["token_steps"] / max(st_["slot_steps"], 1), first_step=tuple(self.first_step))
+        return Rollout(*tensors, tuple(reason for _, reason in self.results), self.n, stats)

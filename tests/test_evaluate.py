@@ -242,7 +242,7 @@ def test_resume_after_interruption_redoes_nothing(monkeypatch, tmp_path, wtok):
     full = evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "full"), **kw)
     calls = count_prompts(monkeypatch, fail_after=1)
     with pytest.raises(Interrupted):  # resumed below under another KV budget: the samples do not change
-        evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "cut"), **kw, kv_cache_gb=2e-5)  # 2-3 rows
+        evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "cut"), **kw, kv_cache_gb=5e-5)  # a few pages
     assert calls == [2] and len(report.read_records(str(tmp_path / "cut" / "samples.jsonl"))) == 4
     calls = count_prompts(monkeypatch)
     resumed = evaluate(model, wtok, None, bench, out_dir=str(tmp_path / "cut"), **kw)

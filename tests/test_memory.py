@@ -1,5 +1,5 @@
 """curriculum/memory.py and footprint.py: the memory plan's figures against measured allocations of a real small Qwen3 on CPU
-(parameters, gradients and AdamW states after a step; a StaticKV of the plan's rows; the storages autograd keeps
+(parameters, gradients and AdamW states after a step; the sampler's page pool for the plan's pages; the storages autograd keeps
 for backward), the stage-2 plan of a Qwen3-4B-shaped model checked by hand, and run.py's fit verdict."""
 import json
 import os
@@ -17,7 +17,8 @@ from curriculum.memory import first_problem, format_plan, memory_plan, parse_byt
 from grpo.logprobs import token_logprobs
 from grpo.optim import build_optimizer
 from model import apply_structured_attention, build_model
-from rollout.cache import StaticKV
+from rollout import Sampler
+from rollout.cache import PagePool, table_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # small but not trivial: the MLP, attention, norms and the head each carry a real share of the activations
@@ -69,16 +70,29 @@ def test_states_match_a_real_model_after_one_optimizer_step():
     assert plan.gathered == plan.fsdp_units == plan.reference == 0
 
 
-def test_kv_pool_is_a_static_kv_of_the_plan_rows():
+def test_kv_pool_is_the_samplers_page_pool():
+    """The plan's pages are what rollout.Sampler buys for the largest call (prompts of data.max_prompt_tokens), and
+    its bytes are the PagePool's plus the page tables', within the budget."""
     cfg = small_config(rollout={"kv_cache_gb": 0.01})
     plan = memory_plan(cfg, SMALL)
     a = Arch.from_config(SMALL)
     assert plan.kv_width == T and plan.kv_bytes_per_token == 2 * 4 * 2 * 32 * 4  # K and V, layers, heads, dim, fp32
-    assert plan.kv_rows == int(0.01 * GiB) // (T * (plan.kv_bytes_per_token + 1)) == 10
-    assert plan.kv_samples >= plan.kv_rows  # the pool is budget-bound, not need-bound
-    cache = StaticKV(a.layers, plan.kv_rows, a.kv_heads, plan.kv_width, a.head_dim, torch.float32, torch.device("cpu"))
-    measured = storage_bytes([*cache.k, *cache.v, cache.valid])
-    assert within(measured, plan.kv_pool) and measured <= plan.kv_budget
+    assert plan.kv_min_pages == 256 // 16 + (T - 256) // 16 + 1 == 33  # prompt, response, the response's first page
+    assert plan.kv_rows == min(256, plan.kv_samples)  # rollout.max_rows
+    page = 16 * plan.kv_bytes_per_token + 4  # K and V of 16 tokens, the page's fill counter
+    tables = (plan.kv_rows + 1) * 33 * 8
+    assert plan.kv_pages == (int(0.01 * GiB) - tables) // page - 1 == 324  # the last page is the scratch page
+    model = build_model(SMALL, seed=0)
+    prompts = [[7] * 256] * (plan.kv_samples // plan.kv_group)
+    sampler = Sampler(model, kv_cache_gb=0.01, max_rows=256)
+    pool_plan = sampler.pool_plan(prompts, plan.kv_group, T - 256, False, "cpu")
+    assert (pool_plan.pages, pool_plan.rows, pool_plan.table_width) == (plan.kv_pages, plan.kv_rows, 33)
+    pool = PagePool(a.layers, plan.kv_pages, 16, a.kv_heads, a.head_dim, torch.float32, torch.device("cpu"))
+    measured = storage_bytes([*pool.k, *pool.v, pool.fill]) + table_bytes(plan.kv_rows, 33)
+    assert measured == plan.kv_pool <= plan.kv_budget
+    # groups of 8 share a prompt of 16 pages: at the length limit 8 * 324 // (16 + 8 * 17) samples fit at once
+    assert plan.kv_group == 8 and plan.samples_held(1.0) == 8 * 324 // (16 + 8 * 17) == 17
+    assert plan.samples_held(0.25) == 8 * 324 // (16 + 8 * (64 // 16 + 1)) == 46
 
 
 def saved_bytes(model, ids, mask, chunk: int, **kwargs) -> int:
@@ -173,15 +187,23 @@ def test_stage2_plan_of_qwen3_4b_by_hand(qwen3_4b):
     assert plan.kv_bytes_per_token == 36 * 8 * 128 * 2 * 2 == 147_456  # layers x KV heads x dim x (K, V) x bf16
     free = 80 * 10**9 - 3 * GiB - 3 * (n // 8 * 4) - n * 2  # when sampling starts
     assert plan.kv_budget == int(0.7 * free)
-    assert plan.kv_rows == plan.kv_budget // (5000 * 147_457) == 59  # rows of 2000 + 3000 tokens
-    assert plan.kv_min_rows == 2  # a seed row and one sample copied from it (rollout.cache.min_pool_rows)
+    # pages of 16 tokens: 2,359,296 bytes of K and V and a 4-byte fill each; the page tables of 256 rows x 314
+    # entries (one sample at its longest: 125 prompt pages, 188 response pages, one partly filled page) come first
+    assert plan.kv_min_pages == 2000 // 16 + 3000 // 16 + 1 + 1 == 314 and plan.kv_rows == 256
+    assert plan.kv_pages == (plan.kv_budget - 257 * 314 * 8) // 2_359_300 - 1 == 18_601
+    # the largest call: AMC23's 16 samples a problem, 32 problems; groups of 16 share their 125 prompt pages
+    assert (plan.kv_samples, plan.kv_group) == (512, 16)
+    assert plan.samples_held(1.0) == 18_601 * 16 // (125 + 16 * 189) == 94  # vs 59 static rows of 5000 tokens
+    assert plan.samples_held(0.25) == 18_601 * 16 // (125 + 16 * (47 + 1)) == 333
     assert plan.micro_batch_tokens == 32768 and plan.checkpointing
     assert plan.saved_ckpt >= 36 * 32768 * 2560 * 2  # at least every layer's input in bf16
     assert plan.problem is None and plan.peak_sampling < 80 * 10**9 and plan.peak_update < 80 * 10**9
     table = format_plan(plan)
-    assert "144 KiB per token" in table and "59 rows = 59 samples in flight" in table and "fit: fits" in table
+    assert "144 KiB per token, 18601 pages of 16 tokens" in table and "fit: fits" in table
+    assert "holds 94 samples at the length limit (5000 tokens), 180 with responses at half" in table
     assert plan_headline(plan) == (f"peak {plan.peak_sampling / GiB:.2f} GiB while sampling, {plan.peak_update / GiB:.2f}"
-                                   " GiB while updating (of 74.51 GiB, fits); KV pool 59 rows of 5000 tokens")
+                                   " GiB while updating (of 74.51 GiB, fits); KV pool 18601 pages of 16 tokens, 94 "
+                                   "samples at the length limit, 333 at a quarter of it")
 
 
 def run_py(*args):
@@ -207,7 +229,7 @@ def test_dry_run_on_24gb_stops_with_one_sentence_naming_the_knob(qwen3_4b, capsy
     assert run.main(dry_run_args(qwen3_4b, "24GB")) == 2
     out, err = capsys.readouterr()
     assert "fit: DOES NOT FIT" in out and err.count("\n") == 1 and err.startswith("memory: stage2: ")
-    # the 6 rows that fit are enough to sample; the prefill beside them is not
+    # the pages that fit hold a sample at its longest; the prefill beside them does not fit
     assert "leaves 1.9 GiB beside the KV pool" in err and "lower rollout.kv_cache_fraction to at most 0.25" in err
 
 
@@ -217,7 +239,10 @@ def test_dry_run_on_24gb_stops_with_one_sentence_naming_the_knob(qwen3_4b, capsy
     (["model.gradient_checkpointing=false", "rollout.max_new_tokens=10000", "rollout.kv_cache_gb=30"],
      ": set model.gradient_checkpointing: true"),  # not even one row of 12000 tokens fits without it
     (["rollout.kv_cache_gb=70"], "rollout.kv_cache_gb 70 does not fit beside"),
-    (["rollout.kv_cache_gb=1"], "raise rollout.kv_cache_gb to at least 1.4"),  # 2 x 5000 x 147,457 B = 1.37 GiB
+    # one sample at its longest: 314 pages + the scratch page of 2,359,300 B and the tables: 0.69 GiB
+    (["rollout.kv_cache_gb=0.5"], "buys 226 pages of 16 tokens, but one sample at its longest (5000 tokens: "
+                                  "data.max_prompt_tokens + rollout.max_new_tokens) needs 314: raise "
+                                  "rollout.kv_cache_gb to at least 0.7"),
     (["rollout.kv_cache_fraction=0.99"], "lower rollout.kv_cache_fraction to at most 0.9"),
 ])
 def test_a_plan_that_cannot_fit_names_the_knob(qwen3_4b, overrides, knob):

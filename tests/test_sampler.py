@@ -244,12 +244,13 @@ def test_prefill_once_per_prompt_and_finished_rows_cost_nothing(tok, tags):
     s = Sampler(m, pad_id=tok.pad_token_id)
     prompts = prompts_of(tok, "hello world", "solve 4 + 5 now")
     r = s.generate(prompts, n=8, max_new_tokens=60, stop_ids=[tok.eos_token_id], seed=0)
-    # one prefill of the 2 prompts (all but their last token, which each sample's first decode step feeds), not 16
-    assert rows_seen[0] == (2, max(map(len, prompts)) - 1)
+    # one prefill of the 2 whole prompts, not 16; its last logits give each sample its first token
+    assert rows_seen[0] == (2, max(map(len, prompts)))
+    assert all(t == 1 for _, t in rows_seen[1:]) and r.stats["prefills"] == 1
     decode_rows = sum(b for b, t in rows_seen[1:])
     lengths = r.response_mask.sum(1)
     assert lengths.max() - lengths.min() > 20
-    assert decode_rows == int(lengths.sum())  # exactly one row-step per response token
+    assert decode_rows == int(lengths.sum()) - 16  # one row-step per response token after the first
 
 
 def test_sampling_a_checkpointed_model_in_training_mode(tiny_model, tok):
