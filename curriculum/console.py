@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from model.load import resolve_attention
+from rollout import describe
 
 from .config import Config
 
@@ -54,7 +55,7 @@ def count(n: int) -> str:
 def stage_opening(cfg: Config, device: torch.device, world: int, model, compute_dtype: torch.dtype,
                   init_dir: str | None, rows: tuple[int, int], cut: int, memory: str | None) -> str:
     """The lines a stage logs before it trains: where it writes, the model and its size, the data, the device,
-    attention kernel and dtypes, and the memory plan's headline (`memory`, curriculum.memory.plan_headline).
+    attention kernel and dtypes, the sampler (rollout.describe), and the memory plan's headline (`memory`, curriculum.memory.plan_headline).
     `rows`: (train, val) examples; `cut`: prompts longer than data.max_prompt_tokens."""
     params = list(model.parameters())
     numel = sum(p.numel() for p in params)  # an FSDP-sharded parameter reports its full size
@@ -69,4 +70,5 @@ def stage_opening(cfg: Config, device: torch.device, world: int, model, compute_
         f"{cfg.data.max_prompt_tokens}: {cut}",
         f"  device: {device}, world size {world}; attention: {attn}; dtype: {dtype} parameters, "
         f"{str(compute_dtype).removeprefix('torch.')} compute",
+        f"  sampling: {describe(cfg.rollout.page_size, cfg.rollout.max_rows, cfg.rollout.cuda_graphs, device)}",
         f"  memory per rank: {memory or 'not planned (run.py plans it)'}"])

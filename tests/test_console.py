@@ -67,4 +67,6 @@ def test_the_opening_summary_names_what_a_stage_runs_on():
         f"  model: runs/x/stage0/final, {n / 1e3:.2f}K parameters",
         "  data: 90 train / 10 val rows from data/gsm8k.jsonl; prompts cut to data.max_prompt_tokens=512: 3",
         "  device: cpu, world size 1; attention: eager; dtype: float32 parameters, float32 compute",
+        "  sampling: paged KV, pages of 16 tokens, at most 256 rows a decode step; attention over pages: portable "
+        "(SDPA over each row's gathered pages); decode steps eager",
         "  memory per rank: peak 1.0 MiB while sampling"])

@@ -292,6 +292,8 @@ def test_a_stage_opens_with_a_summary_of_what_it_runs(tmp_path, logged):
         f"  model: model.build (random init), {n / 1e3:.2f}K parameters",
         "  data: 8 train / 0 val rows from the synthetic task (easy); prompts cut to data.max_prompt_tokens=64: 0",
         "  device: cpu, world size 1; attention: sdpa; dtype: float32 parameters, float32 compute",
+        "  sampling: paged KV, pages of 16 tokens, at most 256 rows a decode step; attention over pages: portable "
+        "(SDPA over each row's gathered pages); decode steps eager",
         "  memory per rank: peak 1.0 MiB while sampling"]) in said)
     assert said.index("memory per rank") < said.index("g: starting at step 0 of 2")  # before the first step
 
