@@ -4,11 +4,14 @@
     python benchmarks/gpu_check.py --smoke     # CPU: the same code paths on a tiny model in float32 (no figures)
 
 On a Qwen3-0.6B-shaped model (random weights, the real 151,936 vocabulary) in bf16:
-- "ratio": our sampler's tokens/s / `model.generate`'s, same prompts x n, EOS-biased lengths (> 1: faster);
-- "equal_memory_ratio": ours under a KV budget of R rows / generate in chunks of R sequences;
-- "kv_pool_vs_budget" (the pool's allocation / the budget, <= 1) and "sampling_peak_vs_budget" (peak
-  torch.cuda.max_memory_allocated above the model while sampling / the budget: the pool plus logits and
-  temporaries);
+- "ratio": our sampler's tokens/s (decode steps replayed from CUDA graphs) / `model.generate`'s, same prompts x
+  n, EOS-biased lengths (> 1: faster); "graphs_ratio": ours with CUDA graphs / ours eager (rollout.cuda_graphs);
+- under a KV budget worth R rows of prompt + max_new_tokens slots (the static-row engine this one replaced):
+  "equal_memory_ratio": ours / generate in chunks of R sequences; "rows_in_flight_ratio": our mean samples in
+  flight / continuous batching in R rows (the static engine's, as ours with max_rows R) and "paged_vs_static_rows"
+  the tokens/s ratio of the two; "kv_pool_vs_budget" (the pool's allocation / the budget, <= 1) and
+  "sampling_peak_vs_budget" (peak torch.cuda.max_memory_allocated above the model while sampling / the budget:
+  the pool plus logits and temporaries);
 - "flex_vs_sdpa_max_diff" and "flex_vs_sdpa_time_ratio": the structured forward+backward of the decoder with
   FlexAttention's BlockMask vs SDPA's dense mask (hidden states compared);
 - "fsdp_step_s" and "plan_vs_measured_peak": one GRPO stage of two steps (sample, reward, update) with FSDP2
@@ -85,35 +88,45 @@ def generate_tokens(model, prompts, n, max_new, pad=0):
 
 
 def sampling_figures(model, dev, P: int, n: int, max_new: int, rows: int) -> dict:
-    """Ours vs generate (all at once and in chunks of `rows`), and the KV budget held."""
+    """Ours (graphs and eager) vs generate (all at once and in chunks of `rows`), the paged pool vs `rows` static
+    rows in the same bytes, and the KV budget held."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 150000, (int(torch.randint(20, 200, (1,), generator=g)),), generator=g).tolist()
                for _ in range(P)]
     c = model.config
-    width = max(map(len, prompts)) - 1 + max_new
+    width = max(map(len, prompts)) + max_new
     bpt = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, model.dtype.itemsize)
-    budget = (rows + 0.5) * width * (bpt + 1)  # room for `rows` rows, not one more
-    ours, pooled = Sampler(model, pad_id=0), Sampler(model, pad_id=0, kv_cache_gb=budget / 2**30)
-    ours.generate(prompts[:2], n=2, max_new_tokens=8)  # warm-up
+    budget = (rows + 0.5) * width * (bpt + 1)  # the bytes of `rows` static rows, not one more
+    graphs = "on" if dev.type == "cuda" else "buckets"  # on CPU: the shapes a graph replays, run eagerly
+    ours, eager = Sampler(model, pad_id=0, cuda_graphs=graphs), Sampler(model, pad_id=0, cuda_graphs="off")
+    pooled = Sampler(model, pad_id=0, kv_cache_gb=budget / 2**30, cuda_graphs=graphs, max_rows=P * n)
+    static = Sampler(model, pad_id=0, max_rows=rows, cuda_graphs=graphs)
+    for s in (ours, eager):
+        s.generate(prompts[:2], n=2, max_new_tokens=8)  # warm-up
     generate_tokens(model, prompts[:2], 2, 8)
-    s_ours, r = timed(lambda: ours.generate(prompts, n=n, max_new_tokens=max_new, stop_ids=[EOS], seed=0), dev)
+    run = lambda s: s.generate(prompts, n=n, max_new_tokens=max_new, stop_ids=[EOS], seed=0)  # noqa: E731
+    s_ours, r = timed(lambda: run(ours), dev)
+    s_eager, _ = timed(lambda: run(eager), dev)
     s_gen, gen_tokens = timed(lambda: generate_tokens(model, prompts, n, max_new), dev)
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    s_pool, rp = timed(lambda: pooled.generate(prompts, n=n, max_new_tokens=max_new, stop_ids=[EOS], seed=0), dev)
+    s_pool, rp = timed(lambda: run(pooled), dev)
     peak = torch.cuda.max_memory_allocated(dev) - base if dev.type == "cuda" else rp.stats["kv_bytes"]
+    s_static, rs = timed(lambda: run(static), dev)
     per = max(1, rows // n)
     s_chunk, chunk_tokens = timed(lambda: sum(generate_tokens(model, prompts[a:a + per], n, max_new)
                                               for a in range(0, P, per)), dev)
-    ours_tps = int(r.response_mask.sum()) / s_ours
-    assert torch.equal(r.response_ids, rp.response_ids), "a sample changed with the budget"
-    return {"ratio": round(ours_tps / (gen_tokens / s_gen), 3), "ours_tokens_per_s": round(ours_tps, 1),
+    tokens = int(r.response_mask.sum())
+    return {"ratio": round(tokens / s_ours / (gen_tokens / s_gen), 3), "ours_tokens_per_s": round(tokens / s_ours, 1),
+            "graphs_ratio": round(s_eager / s_ours, 3), "eager_tokens_per_s": round(tokens / s_eager, 1),
             "generate_tokens_per_s": round(gen_tokens / s_gen, 1),
             "equal_memory_ratio": round(int(rp.response_mask.sum()) / s_pool / (chunk_tokens / s_chunk), 3),
-            "budget_rows": rp.stats["pool_rows"], "kv_pool_vs_budget": round(rp.stats["kv_bytes"] / budget, 3),
+            "rows_in_flight_ratio": round(rp.stats["mean_samples"] / rs.stats["mean_samples"], 3),
+            "paged_vs_static_rows": round(s_static / s_pool, 3), "static_rows": rows, "pages": rp.stats["pages"],
+            "preempted": rp.stats["preempted"], "kv_pool_vs_budget": round(rp.stats["kv_bytes"] / budget, 3),
             "sampling_peak_vs_budget": round(peak / budget, 3),
-            "mean_response_tokens": round(int(r.response_mask.sum()) / (P * n), 1)}
+            "mean_response_tokens": round(tokens / (P * n), 1)}
 
 
 def structured_batch(B: int, T: int, g) -> torch.Tensor:
