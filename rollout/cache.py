@@ -96,7 +96,7 @@ class PagePool:
         R, P = tables.shape
         out = []
         for buf in (self.k[layer], self.v[layer]):
-            kv = buf[tables]  # (R, P, page_size, H_kv, D)
+            kv = buf.index_select(0, tables.reshape(-1))  # (R * P, page_size, H_kv, D)
             out.append(kv.view(R, P * self.page_size, kv.shape[-2], kv.shape[-1]).transpose(1, 2))
         return out
 

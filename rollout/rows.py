@@ -101,6 +101,7 @@ class Sample:
     rows: list = field(default_factory=list)  # its rows in the pool: the main row first
     blocks: int = 0  # blocks it opened
     malformed: bool = False  # the main stream wrote a bad tag: no more blocks (model/structure.py)
+    held: int = 0  # pages its rows held when it was last sent back (it restarts when that many are free)
 
 
 @dataclass(eq=False)

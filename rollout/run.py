@@ -57,8 +57,8 @@ class Run:
         for g in self.pending:
             if g.first is None:
                 continue  # not prefilled yet
-            for s in g.waiting:
-                if len(self.free_bufs) <= self.reserve or len(self.pages.free) <= decoding:
+            for s in g.waiting:  # a sample sent back restarts when what it held is free again (no ping-pong)
+                if len(self.free_bufs) <= self.reserve or len(self.pages.free) <= decoding + (s.held if decoding else 0):
                     blocked = True
                     break
                 self.start(s)
@@ -142,6 +142,7 @@ class Run:
 
     def preempt(self, s: Sample) -> None:
         """Send a running sample back to wait: its pages go back, it will start over from its prompt."""
+        s.held = len({p for row in s.rows for p in row.pages if self.pages.refs[p] == 1})  # what it frees
         for row in list(s.rows):
             self.drop_row(row)
         self.stats["preempted"] += 1

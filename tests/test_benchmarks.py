@@ -22,10 +22,14 @@ def run_quick(name: str, tmp_path) -> dict:
 
 def test_sampler_benchmark(tmp_path):
     out = run_quick("sampler", tmp_path)
-    for key in ("ratio", "equal_memory_ratio", "refill_ratio", "block_step_ratio"):
+    for key in ("ratio", "equal_memory_ratio", "refill_ratio", "block_step_ratio", "host_ms_per_step",
+                "static_cache_forward_ms"):
         assert out[key] > 0, key
     assert out["budget_peak_ratio"] <= 1.0  # the KV pool never exceeds its budget
     assert out["block_steps"] < out["sequential_block_steps"]  # a block's paths are decoded together
+    assert out["block_longest_ratio"] <= 1.05  # and it closes with its longest path
+    assert out["rows_in_flight_ratio"] > 1 and out["in_flight_paged"] > out["in_flight_static"]
+    assert out["prompt_kv_ratio"] <= 1.25  # a group's prompt pages are held once, not per sample
     assert 0 < out["slot_use"] <= 1
 
 

@@ -127,9 +127,10 @@ def same_samples(a, b):
 
 
 @pytest.mark.parametrize("structured", [False, True])
-def test_samples_do_not_depend_on_budget_page_size_or_decode_mode(tok, tags, structured):
+def test_samples_do_not_depend_on_budget_page_size_or_decode_mode(tok, tags, structured, monkeypatch):
     """float64: every row at once in a roomy pool, a dry pool that preempts, a row cap that makes blocks wait for
-    rows, pages of 1 and 16 tokens, graph-shaped (bucketed, padded) decode steps: the same tokens."""
+    rows, pages of 1, 3 and 16 tokens, graph-shaped (bucketed, padded) decode steps, attention gathered one row at
+    a time: the same tokens."""
     m = spread_model(tok, tags, structured, torch.float64)
     prompts = prompts_of(tok, *PROMPTS)
     kw = dict(n=6, max_new_tokens=40, stop_ids=[tok.eos_token_id], structured=structured, seed=3)
@@ -144,6 +145,9 @@ def test_samples_do_not_depend_on_budget_page_size_or_decode_mode(tok, tags, str
     assert r.stats["preempted"] > 0
     same_samples(r, full)
     same_samples(sampler(m, tok, tags, max_rows=5, cuda_graphs="buckets", page_size=3).generate(prompts, **kw), full)
+    import rollout.attention
+    monkeypatch.setattr(rollout.attention, "ATTENTION_CHUNK_BYTES", 1)  # one row per gather
+    same_samples(sampler(m, tok, tags).generate(prompts, **kw), full)
 
 
 def test_tag_soup_under_a_dry_pool(tok, tags):
