@@ -12,17 +12,18 @@ SCHEDULES = ("constant", "cosine", "linear")
 def lr_factor(update: int, warmup: int, total: int, schedule: str = "constant", min_ratio: float = 0.0) -> float:
     """Multiplier of the base lr for optimizer update `update` (0-based) of `total`, `warmup` of them warming up.
 
-    Both phases count the updates done once this one is applied: warm-up reaches 1 at update warmup - 1, the
-    decay reaches min_ratio at the last update. So the lr at the end of a GRPO step does not depend on how
-    many updates the step makes: k updates per step with warmup and total scaled by k give, at each step's
-    last update, the lr of one update per step."""
+    The decay counts as transformers' get_linear/cosine_schedule_with_warmup do, by the updates done before this
+    one: the first update after warm-up runs at the full rate (progress 0) and the last at progress
+    (total - warmup - 1) / (total - warmup), above the floor, so no update is wasted at lr min_ratio * lr = 0.
+    The warm-up counts this update too, (update + 1) / warmup, reaching 1 at its last update: transformers starts
+    at update / warmup, and its first update at lr 0 would throw away a whole GRPO mini-batch."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown lr schedule {schedule!r}; valid: {list(SCHEDULES)}")
     if update < warmup:
         return (update + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (update + 1 - warmup) / max(1, total - warmup))
+    progress = min(1.0, (update - warmup) / max(1, total - warmup))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return min_ratio + (1 - min_ratio) * decay
 
