@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from grpo.loss import aggregate, grpo_objective, kl_penalty, policy_loss
+from grpo.loss import (OBJECTIVE_DEFAULTS, aggregate, cispo_loss, grpo_objective, gspo_loss, kl_penalty, policy_loss,
+                       sampler_weights)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -91,6 +92,162 @@ def test_on_policy_gradient_is_minus_advantage():
     loss, _ = grpo_objective(logp, old, adv, mask, num_tokens=40)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.where(mask, -adv / 40, torch.zeros(())))
+
+
+# ---------------------------------------------------------------- gspo_loss, cispo_loss
+
+def gspo_example():
+    """Two rows: row 0 has token log-ratios 0.1, 0.3 (s = e^0.2 = 1.2214, A = 1), row 1 has -0.1, 0.1, 0.0 (s = 1,
+    A = -2); one masked token each (garbage there)."""
+    old = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.5, -0.7, -0.2]])
+    logp = old + torch.tensor([[0.1, 0.3, NAN, 0.0], [-0.1, 0.1, 0.0, INF]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    return logp, old, torch.tensor([1.0, -2.0]), mask
+
+
+def test_gspo_hand_values():
+    logp, old, adv, mask = gspo_example()
+    per_token = gspo_loss(torch.where(mask, logp, 0.0), torch.where(mask, old, 0.0), adv, mask, 0.2, 0.2)
+    # row 0: -min(1.2214 * 1, 1.2 * 1) = -1.2 on both tokens (clipped as a sequence); row 1: -min(-2, -2) = 2
+    torch.testing.assert_close(per_token[mask], torch.tensor([-1.2, -1.2, 2.0, 2.0, 2.0]))
+    x = logp.clone().requires_grad_(True)
+    loss, m = grpo_objective(x, old, adv, mask, policy="gspo", clip_low=0.2, clip_high=0.2)
+    loss.backward()
+    # seq-mean-token-mean (GSPO's default): (-1.2 + 2) / 2 = 0.4; row 0 clipped: no gradient; row 1: -A * s = 2
+    # per token, / 3 tokens / 2 rows
+    assert loss.item() == pytest.approx(0.4, rel=1e-6)
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3, 0.0]]))
+    assert m["clip_ratio/high_mean"].item() == pytest.approx(1 / 2)  # one sequence of two, not 2 tokens of 5
+    assert m["clip_ratio/low_mean"].item() == 0.0
+    _, m = grpo_objective(logp, old, adv, mask, policy="gspo")  # the paper's 3e-4 / 4e-4
+    assert m["clip_ratio/high_mean"].item() == pytest.approx(1 / 2)
+
+
+def reference_gspo(logp, old, adv, mask, clip_low, clip_high):
+    """The sequence-level GSPO objective as the paper writes it, row by row: J = mean_i -min(s_i A_i, clip(s_i) A_i),
+    s_i = exp(mean_t (logp_t - old_t)), the gradient flowing through s_i itself."""
+    rows = []
+    for i in range(logp.shape[0]):
+        n = int(mask[i].sum())
+        s = torch.exp((logp[i, :n] - old[i, :n]).mean())
+        rows.append(-torch.minimum(s * adv[i], s.clamp(1 - clip_low, 1 + clip_high) * adv[i]))
+    return torch.stack(rows).mean()
+
+
+@pytest.mark.parametrize("clip_low,clip_high", [(3e-4, 4e-4), (0.05, 0.1)])
+def test_gspo_matches_the_sequence_level_objective(clip_low, clip_high):
+    gen = torch.Generator().manual_seed(5)
+    B, T = 6, 9
+    lengths = torch.tensor([9, 4, 7, 1, 6, 9])
+    mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T), right padding
+    old = torch.randn(B, T, generator=gen, dtype=torch.float64) - 2
+    logp = old + 0.1 * torch.randn(B, T, generator=gen, dtype=torch.float64)  # sequence ratios ~0.9..1.1
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    ours, theirs = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    loss, _ = grpo_objective(ours, old, adv, mask, policy="gspo", clip_low=clip_low, clip_high=clip_high)
+    expected = reference_gspo(theirs, old, adv, mask, clip_low, clip_high)
+    (loss + expected).backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    assert (ours.grad != 0).any()
+
+
+def test_cispo_hand_values():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 6.0]])).requires_grad_(True)  # old 0: rho = 1.5, 0.5, 6
+    adv = torch.tensor([[1.0, -1.0, 1.0]])
+    # no lower bound, weights capped at 1 + 4 = 5: w = 1.5, 0.5, 5; loss -w A logp; gradient -w A
+    loss = cispo_loss(logp, torch.zeros(1, 3), adv, None, 4.0)
+    torch.testing.assert_close(loss, -torch.tensor([[1.5, -0.5, 5.0]]) * logp.detach())
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.5, 0.5, -5.0]]))
+    logp.grad = None
+    cispo_loss(logp, torch.zeros(1, 3), adv, 0.2, 4.0).sum().backward()  # a lower bound of 0.8 raises rho 0.5
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.5, 0.8, -5.0]]))
+    # every token keeps its gradient; the clip metrics count the weights clipped (by the side of 1 they are on)
+    _, m = grpo_objective(logp.detach(), torch.zeros(1, 3), adv, torch.ones(1, 3, dtype=torch.bool), policy="cispo",
+                          clip_low=0.2)
+    assert (m["clip_ratio/high_mean"].item(), m["clip_ratio/low_mean"].item()) == pytest.approx((1 / 3, 1 / 3))
+    _, m = grpo_objective(logp.detach(), torch.zeros(1, 3), adv, torch.ones(1, 3, dtype=torch.bool), policy="cispo")
+    assert m["clip_ratio/low_mean"].item() == 0.0 and m["clip_ratio/region_mean"].item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("clip_low,clip_high", [(None, 4.0), (0.2, 0.28)])
+def test_cispo_matches_loop(clip_low, clip_high):
+    gen = torch.Generator().manual_seed(6)
+    old = torch.randn(4, 9, generator=gen, dtype=torch.float64) - 2
+    logp = (old + torch.randn(4, 9, generator=gen, dtype=torch.float64)).requires_grad_(True)  # ratios ~0.1..10
+    adv = torch.randn(4, generator=gen, dtype=torch.float64)
+    loss = cispo_loss(logp, old, adv, clip_low, clip_high)
+    loss.sum().backward()
+    values, grads = [], []
+    for lp, o, a in zip(logp.detach().flatten().tolist(), old.flatten().tolist(), adv.repeat_interleave(9).tolist()):
+        w = min(math.exp(lp - o), 1 + clip_high)
+        w = w if clip_low is None else max(w, 1 - clip_low)
+        values.append(-w * a * lp)
+        grads.append(-w * a)
+    torch.testing.assert_close(loss, torch.tensor(values, dtype=torch.float64).view(4, 9))
+    torch.testing.assert_close(logp.grad, torch.tensor(grads, dtype=torch.float64).view(4, 9))
+
+
+def test_objective_defaults_and_refusals():
+    assert OBJECTIVE_DEFAULTS["gspo"] == {"clip_low": 3e-4, "clip_high": 4e-4, "agg_mode": "seq-mean-token-mean"}
+    logp, old, adv, mask = clip_example()
+    with pytest.raises(ValueError, match="valid: ppo_clip, gspo, cispo"):
+        grpo_objective(logp, old, adv, mask, policy="grpo")
+    with pytest.raises(ValueError, match="clip_c .* belongs to policy loss ppo_clip, not cispo"):
+        grpo_objective(logp, old, adv, mask, policy="cispo", clip_c=3.0)
+    with pytest.raises(ValueError, match="needs sampler_logp"):
+        grpo_objective(logp, old, adv, mask, correction="tis")
+    with pytest.raises(ValueError, match="valid: none, tis, mis"):
+        grpo_objective(logp, old, adv, mask, correction="seq", sampler_logp=old)
+
+
+# ---------------------------------------------------------------- sampler_weights
+
+def test_tis_hand_values():
+    old = torch.zeros(1, 4)
+    sampler = -torch.log(torch.tensor([[3.0, 1.5, 0.5, 7.0]]))  # old - sampler = ln 3, ln 1.5, -ln 2, ln 7
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    w, flags = sampler_weights(old, sampler, mask, "tis", tis_cap=2.0)
+    torch.testing.assert_close(w[mask], torch.tensor([2.0, 1.5, 0.5]))  # min(ratio, 2)
+    assert flags["sampling/tis_capped_ratio"][mask].tolist() == [True, False, False]
+    assert sampler_weights(old, sampler, mask, "none") == (None, {})
+
+
+def test_mis_hand_values():
+    """Sequence ratios 1.5 * 1.2 = 1.8 (kept), 3 (above 2), 0.4 (below 0.5), 0.5 exactly (kept: the band is closed)."""
+    old = torch.zeros(4, 2)
+    ratios = torch.tensor([[1.5, 1.2], [3.0, 9.0], [0.8, 0.5], [0.5, 1.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]], dtype=torch.bool)  # row 1's 9 is masked: never read
+    w, flags = sampler_weights(old, -torch.log(ratios), mask, "mis", mis_low=0.5, mis_high=2.0)
+    assert w.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    assert flags["sampling/mis_masked_ratio"][:, 0].tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("correction", ["tis", "mis"])
+def test_correction_weighs_only_the_policy_term(correction):
+    """The policy loss of each token times its weight, step-wide token count unchanged (a masked sequence counts
+    like a sample with advantage 0, as TRL's sequence_mask); the KL term is not weighed; the metrics by hand."""
+    logp = torch.full((3, 2), -1.0).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    sampler = torch.tensor([[-1.0 - math.log(3.0), -1.0], [-1.0, -1.0], [-1.0 + 0.7, -1.0 + 0.7]])
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    ref = torch.full((3, 2), -1.5)
+    loss, m = grpo_objective(logp, logp.detach(), adv, mask, ref_logp=ref, kl_coef=0.1, sampler_logp=sampler,
+                             correction=correction, tis_cap=2.0)
+    loss.backward()
+    # on-policy: per-token policy loss -A. tis weights: row 0: 2 (3 capped), 1; row 1: 1, 1; row 2: e^-0.7 twice;
+    # mis: row 0's ratio 3 and row 2's e^-1.4 = 0.25 leave [0.5, 2]: only row 1 is kept
+    w = {"tis": [[2.0, 1.0], [1.0, 1.0], [math.exp(-0.7)] * 2], "mis": [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]}
+    weights = torch.tensor(w[correction])
+    assert m["policy_loss"].item() == pytest.approx(float((-adv[:, None] * weights).sum() / 6), rel=1e-6)
+    k3 = math.exp(-0.5) + 0.5 - 1
+    assert loss.item() == pytest.approx(m["policy_loss"].item() + 0.1 * k3, rel=1e-6)
+    torch.testing.assert_close(logp.grad, -adv[:, None] * weights / 6 + 0.1 * (1 - math.exp(-0.5)) / 6)
+    if correction == "tis":
+        assert m["sampling/tis_capped_ratio"].item() == pytest.approx(1 / 6)  # a share of loss tokens
+    else:
+        assert m["sampling/mis_masked_ratio"].item() == pytest.approx(2 / 3)  # a share of sequences
 
 
 # ---------------------------------------------------------------- aggregate
@@ -184,9 +341,19 @@ def test_objective_garbage_at_masked_positions():
     assert torch.isfinite(logp.grad).all() and logp.grad[0, 6] == 0
 
 
+OBJECTIVES = {  # policy loss and sampler correction, with clips wide enough to clip some of the random ratios below
+    "ppo_clip": dict(policy="ppo_clip", clip_low=0.2, clip_high=0.28, clip_c=3.0),
+    "gspo+mis": dict(policy="gspo", clip_low=0.02, clip_high=0.03, correction="mis", mis_low=0.5, mis_high=2.0),
+    "cispo+tis": dict(policy="cispo", clip_high=0.5, correction="tis", tis_cap=1.3),
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_split_invariance(mode):
-    """One call over 8 mixed-length rows == 4 micro-batches of 2 (each trimmed to its own length)."""
+def test_split_invariance(mode, objective):
+    """One call over 8 mixed-length rows == 4 micro-batches of 2 (each trimmed to its own length), for each policy
+    loss and sampler correction (GSPO's sequence ratio and MIS's sequence mask need whole rows, as the trainer's
+    micro-batches hold them)."""
     gen = torch.Generator().manual_seed(3)
     B, T = 8, 12
     lengths = torch.tensor([12, 3, 7, 1, 9, 12, 5, 2])
@@ -194,21 +361,25 @@ def test_split_invariance(mode):
     old = torch.randn(B, T, generator=gen) - 2
     logp = (old + 0.4 * torch.randn(B, T, generator=gen)).masked_fill(~mask, NAN)
     ref = old + 0.2 * torch.randn(B, T, generator=gen)
+    sampler = old + 0.2 * torch.randn(B, T, generator=gen)
     entropy = torch.rand(B, T, generator=gen) * 3
     adv = torch.randn(B, generator=gen)
-    kw = dict(clip_low=0.2, clip_high=0.28, clip_c=3.0, kl_coef=0.05, entropy_coef=0.01, agg_mode=mode,
-              num_tokens=int(mask.sum()), num_seqs=B, norm_len=T)
+    kw = dict(kl_coef=0.05, entropy_coef=0.01, agg_mode=mode, num_tokens=int(mask.sum()), num_seqs=B, norm_len=T,
+              **OBJECTIVES[objective])
 
     whole = logp.clone().requires_grad_(True)
-    loss, metrics = grpo_objective(whole, old, adv, mask, ref_logp=ref, entropy=entropy, **kw)
+    loss, metrics = grpo_objective(whole, old, adv, mask, ref_logp=ref, entropy=entropy, sampler_logp=sampler, **kw)
     loss.backward()
+    touched = [k for k in metrics if k.startswith(("clip_ratio/", "sampling/"))]
+    assert any(0 < metrics[k] < 1 for k in touched), {k: metrics[k] for k in touched}  # the clips and masks act
 
     total, summed, grads = torch.zeros(()), {k: torch.zeros(()) for k in metrics}, torch.zeros(B, T)
     for rows in torch.arange(B).split(2):
         width = int(lengths[rows].max())  # each micro-batch padded only to its own longest row
         part = logp[rows, :width].clone().requires_grad_(True)
         part_loss, part_metrics = grpo_objective(part, old[rows, :width], adv[rows], mask[rows, :width],
-                                                 ref_logp=ref[rows, :width], entropy=entropy[rows, :width], **kw)
+                                                 ref_logp=ref[rows, :width], entropy=entropy[rows, :width],
+                                                 sampler_logp=sampler[rows, :width], **kw)
         part_loss.backward()
         total += part_loss.detach()
         grads[rows, :width] = part.grad
