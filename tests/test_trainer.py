@@ -237,8 +237,8 @@ def test_reward_functions_by_name_log_their_own_metrics_and_count_failures(tok, 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # 4-token responses: the <Parallel> panel is empty
 def test_lr_schedule_counts_updates(tok, tags, tmp_path):
-    """6 steps of 1, 2 and 4 updates each log the same per-step learning rate (the one of the step's last
-    update) for a linear schedule with 2 warm-up steps: the schedule spans the whole run whatever the split."""
+    """6 steps of 1, 2 and 4 updates each, linear with 2 warm-up steps and a 0.2 floor: the schedule spans the whole
+    run in updates whatever the split; each step logs the lr of its last update."""
     lrs = {}
     for mini_batch in (4, 2, 1):  # 1, 2 and 4 updates per step
         cfg = toy_config(rollout={"group_size": 2, "max_new_tokens": 4},
@@ -246,11 +246,14 @@ def test_lr_schedule_counts_updates(tok, tags, tmp_path):
                          optim={"lr": 1e-3, "warmup_steps": 2, "schedule": "linear", "min_lr_ratio": 0.2})
         out = tmp_path / str(mini_batch)
         train_grpo(cfg, tiny(tok), tok, tags, toy_feed(tok), str(out), Dist(), reward_fn=WordReward())
-        lrs[mini_batch] = [json.loads(line)["learning_rate"] for line in open(out / "metrics.jsonl")]
-    # warm-up (s+1)/2, then 0.2 + 0.8 * (1 - (s - 1)/4)
-    expected = [5e-4, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4]
-    for mini_batch, got in lrs.items():
-        assert got == pytest.approx(expected, rel=1e-9), mini_batch
+        lrs[4 // mini_batch] = [json.loads(line)["learning_rate"] for line in open(out / "metrics.jsonl")]
+    # k updates a step, W = 2k warming up, T = 6k in all; step s ends with update u = (s+1)k - 1:
+    # warm-up (u+1)/W = (s+1)/2; then 0.2 + 0.8 * (1 - (u - W)/(T - W)), e.g. k = 2, s = 2: u = 5, 1 - 1/8 -> 0.9
+    expected = {1: [5e-4, 1e-3, 1e-3, 8e-4, 6e-4, 4e-4],  # the first update after warm-up at the full rate
+                2: [5e-4, 1e-3, 9e-4, 7e-4, 5e-4, 3e-4],
+                4: [5e-4, 1e-3, 8.5e-4, 6.5e-4, 4.5e-4, 2.5e-4]}  # the last update above the floor 2e-4
+    for k, got in lrs.items():
+        assert got == pytest.approx(expected[k], rel=1e-9), k
 
 
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
