@@ -92,15 +92,33 @@ class GRPOConfig:
     mini_batch_prompts: int = ranged(128, ge=1)  # prompts per optimizer update; P / this = updates per step
     ppo_epochs: int = ranged(1, ge=1)  # passes over each rollout batch
     micro_batch_tokens: int = ranged(16384, ge=1)  # padded tokens per forward/backward
-    clip_low: float = ranged(0.2, ge=0.0, lt=1.0)
-    clip_high: float = ranged(0.2, ge=0.0)  # 0.28 = DAPO's clip-higher
-    clip_c: float | None = ranged(None, gt=1.0)  # dual clip (> 1) for negative advantages
+    # ppo_clip: PPO's clipped ratio per token (GRPO, DAPO); gspo: the sequence's ratio (geometric mean of its
+    # tokens'), clipped per sequence (Zheng et al. 2025); cispo: a clipped, detached importance weight on
+    # -A * logp, so every token keeps its gradient (MiniMax-M1 2025)
+    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = "ppo_clip"
+    # clip range [1 - clip_low, 1 + clip_high]; unset = the policy loss's published one (grpo/loss.py
+    # OBJECTIVE_DEFAULTS): ppo_clip 0.2 / 0.2, gspo 3e-4 / 4e-4, cispo no lower bound / 4.0 (weights up to 5)
+    clip_low: float | None = ranged(None, ge=0.0, lt=1.0)
+    clip_high: float | None = ranged(None, ge=0.0)  # 0.28 = DAPO's clip-higher
+    clip_c: float | None = ranged(None, gt=1.0)  # dual clip (> 1) for negative advantages (ppo_clip only)
     kl_coef: float = ranged(0.0, ge=0.0)  # 0: no reference model is loaded or run
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
-    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    # unset = the policy loss's own: seq-mean-token-mean for gspo (its objective is a mean over sequences),
+    # token-mean otherwise
+    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
     adv_scale: Literal["group", "batch", "none"] = "group"  # none = Dr. GRPO
+    # sampler vs trainer log-probs (sampling/sampling_logp_difference): tis weighs each token's policy loss by
+    # min(exp(old - sampler), tis_cap); mis drops the sequences whose ratio exp(sum(old - sampler)) leaves
+    # [mis_low, mis_high] (TRL's vllm_importance_sampling_correction, verl's rollout_correction)
+    sampler_correction: Literal["none", "tis", "mis"] = "none"
+    tis_cap: float = ranged(2.0, ge=1.0)  # tis: the largest weight (verl's rollout_is_threshold)
+    mis_low: float = ranged(0.5, gt=0.0, lt=1.0)  # mis: band of kept sequence ratios (verl's Seq-MIS 0.5_2.0)
+    mis_high: float = ranged(2.0, gt=1.0)
     filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
+    # with filter_zero_std: sample more prompts, up to this many rounds a step, until prompts_per_step groups have
+    # signal (DAPO's refill; verl's max_num_gen_batches); 1 = train on the groups left from one round
+    max_sampling_rounds: int = ranged(1, ge=1)
     mask_truncated: bool = False  # no loss on responses cut by the length limit
     loss_on_forced: bool = False  # train on forced structural tokens too
     logprob_chunk: int = ranged(1024, ge=1)  # sequence chunk of the chunked log-prob head
@@ -117,6 +135,14 @@ class OptimConfig:
     warmup_steps: int = ranged(0, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup
     min_lr_ratio: float = ranged(0.0, ge=0.0, le=1.0)  # cosine/linear floor, as a fraction of lr
+
+
+@dataclass
+class OverlongBuffer:
+    """DAPO's soft overlong punishment (Yu et al. 2025), a part of the reward named "overlong": 0 up to
+    rollout.max_new_tokens - len response tokens, then down linearly to -penalty at max_new_tokens."""
+    len: int = ranged(4096, ge=1)  # the buffer, in response tokens (DAPO: 4096 of 20480); <= rollout.max_new_tokens
+    penalty: float = ranged(1.0, ge=0.0)  # the penalty at the response limit (DAPO: 1.0)
 
 
 @dataclass
@@ -139,6 +165,8 @@ class RewardConfig:
     bonus: float = 0.2  # parallel_bonus: added for a well-formed block
     format_penalty: float = 0.0  # added when the tags are not well formed (0 = off)
     scaffold_until: int | None = ranged(None, ge=0)  # parallel reward off after this step
+    # {len, penalty}: DAPO's soft overlong penalty as a reward part (rewards/overlong/mean); unset = off
+    overlong_buffer: OverlongBuffer | None = None
     workers: int = ranged(2, ge=0)  # reward processes (0 = in-process)
     timeout: float = ranged(10.0, gt=0.0)  # seconds per response (the equivalence check gets half)
 

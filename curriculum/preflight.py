@@ -53,6 +53,7 @@ def check_rules(cfg: Config, world: int) -> None:
         if cfg.rollout.temperature == 0:
             raise ConfigError("rollout.temperature: 0 (greedy) gives every sample of a group the same response, so "
                               "no advantage; GRPO needs a temperature > 0")
+        check_objective_keys(g, cfg.rollout, r)
     if cfg.kind == "sft":
         if s.batch_size % world:
             raise ConfigError(f"sft.batch_size={s.batch_size} must be a multiple of the world size {world}")
@@ -99,6 +100,24 @@ def check_prompt_keys(cfg: Config) -> None:
                 raise ConfigError(str(e)) from None
 
 
+def check_objective_keys(g, ro, r) -> None:
+    """The policy loss, sampler correction, dynamic sampling and overlong-penalty keys fit together."""
+    if g.clip_c is not None and g.policy_loss != "ppo_clip":
+        raise ConfigError(f"grpo.clip_c (the dual clip) belongs to policy_loss ppo_clip, not {g.policy_loss}; "
+                          "remove grpo.clip_c")
+    if g.sampler_correction != "none" and g.loss_on_forced:
+        raise ConfigError(f"grpo.sampler_correction: {g.sampler_correction} weighs each loss token by the sampler's "
+                          "log-prob of it, and forced tokens (grpo.loss_on_forced: true) were not sampled; set "
+                          "grpo.sampler_correction: none or grpo.loss_on_forced: false")
+    if g.max_sampling_rounds > 1 and not g.filter_zero_std:
+        raise ConfigError(f"grpo.max_sampling_rounds={g.max_sampling_rounds} refills the groups that "
+                          "grpo.filter_zero_std drops; set grpo.filter_zero_std: true (or max_sampling_rounds: 1)")
+    if r.overlong_buffer is not None and r.overlong_buffer.len > ro.max_new_tokens:
+        raise ConfigError(f"reward.overlong_buffer.len={r.overlong_buffer.len} must be at most "
+                          f"rollout.max_new_tokens={ro.max_new_tokens} (the penalty ramps over the last `len` tokens "
+                          "of the response limit)")
+
+
 def check_reward_keys(r) -> None:
     """reward.funcs are "module:function" strings with distinct names, one weight each; some reward is on."""
     if r.mode == "none" and not r.funcs:
@@ -111,10 +130,11 @@ def check_reward_keys(r) -> None:
         raise ConfigError(f"reward.weights: {r.weights!r}; give one number per reward.funcs entry "
                           f"({len(r.funcs)}), or leave it out for 1 each")
     names = ([r.mode] if r.mode != "none" else []) + [RewardFunc(spec).name for spec in r.funcs]
+    names += ["overlong"] if r.overlong_buffer is not None else []
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"reward.funcs: the name(s) {twice} appear twice (the built-in reward is named after "
-                          "reward.mode); each reward needs its own name for rewards/<name>/mean")
+                          "reward.mode); each reward needs its own name for rewards/<name>/mean (reward.overlong_buffer is named overlong)")
 
 
 def check_synthetic(spec: dict, key: str) -> None:

@@ -6,7 +6,7 @@ sampler log-probs are all aligned with `input_ids` column by column.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -38,6 +38,27 @@ class TrainBatch:
         return TrainBatch(part(self.input_ids), part(self.attention_mask), part(self.loss_mask),
                           part(self.sampler_logp), self.advantages[idx], self.response_start - left,
                           self.prompt_len[idx], self.response_len[idx], part(self.old_logp), part(self.ref_logp))
+
+
+def cat_batches(parts: list[TrainBatch], pad_id: int) -> TrainBatch:
+    """The rows of `parts` one after another, re-padded to one layout: the response columns aligned (left padding
+    up to the longest prompt, right padding up to the longest response). pad_id fills the new input_ids padding;
+    every other column-aligned tensor gets 0 there, per-row tensors are concatenated."""
+    start = max(p.response_start for p in parts)
+    right = max(p.input_ids.shape[1] - p.response_start for p in parts)
+
+    def join(name):
+        values = [getattr(p, name) for p in parts]
+        if name == "response_start":
+            return start
+        if values[0] is None or values[0].dim() == 1:  # absent, or one value per row
+            return None if values[0] is None else torch.cat(values)
+        fill = pad_id if name == "input_ids" else 0
+        return torch.cat([torch.nn.functional.pad(v, (start - p.response_start,
+                                                     right - (v.shape[1] - p.response_start)), value=fill)
+                          for v, p in zip(values, parts)])  # (sum of rows, start + right)
+
+    return TrainBatch(**{f.name: join(f.name) for f in fields(TrainBatch)})
 
 
 def make_batch(rollout, advantages: torch.Tensor, *, loss_on_forced: bool = False,

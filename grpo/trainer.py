@@ -15,19 +15,17 @@ from dataclasses import asdict, replace
 import torch
 from tqdm import tqdm
 
-from model.patch import structured_tags
-from model.tokenizer import decode_responses, stop_token_ids
-from rewards import RewardInputs, RewardPool, RewardSet, parallel_stats, score_step
-from rollout import SamplingAborted
+from rewards import RewardPool, RewardSet, parallel_stats
 
 from . import checkpoint as ckpt
 from .advantage import expand_to_rows, frac_zero_std, group_advantages, nonzero_std_groups
-from .batching import TrainBatch, aligned_micro_batches, make_batch
-from .fsdp import Dist, all_gather_cat, all_reduce, clip_grad_norm, gathered_for_sampling
+from .batching import TrainBatch, aligned_micro_batches
+from .fsdp import Dist, all_gather_cat, all_reduce, clip_grad_norm
 from .loop import (StepAbandoned, StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_abandoned,
                    save_or_stop, start_note)
 from .loss import grpo_objective
 from .optim import build_optimizer
+from .rounds import dynamic_sampling_metrics, sample_groups, sample_round, slot_batch
 from .runlog import append_metrics, plot_metrics
 from .tracking import Trackers
 
@@ -72,7 +70,7 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
             items = feed.next_batch(g.prompts_per_step)[d.rank::d.world]  # this rank's share of whole groups
             try:
                 metrics = grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sched, tokenizer,
-                                    cfg, d, state, stop)
+                                    cfg, d, state, stop, feed)
             except StepAbandoned:  # weights, optimizer and state.feed are still those of the last finished step
                 save_abandoned(run_dir, cfg, model, opt, sched, state, d, tokenizer)
             except FloatingPointError as e:  # checkpoints are only ever written with finite weights
@@ -94,35 +92,25 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
 
 
 def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sched, tokenizer, cfg, d, state,
-              stop: StopFlag | None = None) -> dict:
+              stop: StopFlag | None = None, feed=None) -> dict:
     """One GRPO step on this rank's prompts `items` (whole groups), scored with `reward_set` (rewards.RewardSet);
-    returns the step's metrics over all ranks. StepAbandoned (on every rank) when `stop` was raised while
+    returns the step's metrics over all ranks. `feed` (the prompt feed, the same on every rank) gives the prompts
+    of refill rounds (grpo.max_sampling_rounds > 1). StepAbandoned (on every rank) when `stop` was raised while
     sampling."""
-    g, ro, G = cfg.grpo, cfg.rollout, cfg.rollout.group_size
-    t0 = time.perf_counter()
-    # 1. sample G responses per prompt; a stop asked for meanwhile abandons the rollout (minutes at scale)
-    model.eval()
-    rollout = None
-    with torch.no_grad(), gathered_for_sampling(model):
-        try:
-            rollout = sampler.generate([it.prompt_ids for it in items], n=G, max_new_tokens=ro.max_new_tokens,
-                                       temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                       stop_ids=stop_token_ids(tokenizer), structured=structured_tags(model) is not None,
-                                       seed=cfg.seed * 1_000_003 + step * d.world + d.rank,
-                                       should_stop=stop.asked if stop else None)
-        except SamplingAborted:
-            pass
-    if stop is not None:
-        stop.after_sampling(d)  # all ranks agree before the update's collectives
-    t1 = time.perf_counter()
-    # 2. score
-    texts = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
-    inputs = reward_inputs(items, texts, rollout, G, g.steps, extras=bool(reward_set.funcs))
-    scores = score_step(pool, reward_set, inputs, step)
-    for name, reason in scores.failures:  # each reward's failures are named once; all are counted (reward/errors)
+    g, G = cfg.grpo, cfg.rollout.group_size
+    refill = g.filter_zero_std and g.max_sampling_rounds > 1
+    if refill and feed is None:
+        raise ValueError("grpo.max_sampling_rounds > 1 draws more prompts: grpo_step needs the prompt feed")
+    # 1-2. sample G responses per prompt and score them; refill the groups without signal (grpo/rounds.py)
+    rounds, slots = sample_groups(
+        items, lambda n: feed.next_batch(n * d.world)[d.rank::d.world],
+        lambda new, k: sample_round(k, step, new, model, sampler, pool, reward_set, tokenizer, cfg, d, stop),
+        G, refill, g.max_sampling_rounds, d)
+    for name, reason in (f for r in rounds for f in r.scores.failures):  # each named once; all counted
         log.warning(f"{'' if d.world == 1 else f'rank {d.rank}: '}reward {name} failed: {reason} (its score is "
                     "left out where a reward function fails; counted in reward/errors and reward/timeouts)")
-    rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
+    batch, rewards = slot_batch(rounds, slots, G, tokenizer.pad_token_id, loss_on_forced=g.loss_on_forced,
+                                mask_truncated=g.mask_truncated)  # rewards: (N,) of the slots
     t2 = time.perf_counter()
     # 3. advantages over whole groups (a group never spans ranks); "batch" scaling needs every rank's rewards
     if g.adv_scale == "batch" and d.world > 1:
@@ -130,11 +118,10 @@ def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sch
         advantages = group_advantages(everyone, G, "batch").view(d.world, -1)[d.rank]
     else:
         advantages = group_advantages(rewards, G, g.adv_scale)
-    batch = make_batch(rollout, advantages.to(rollout.logprobs.device), loss_on_forced=g.loss_on_forced,
-                       mask_truncated=g.mask_truncated)
+    batch = replace(batch, advantages=advantages.to(batch.loss_mask.device))
+    kept = nonzero_std_groups(rewards, G)  # (P_rank,) groups with signal
     if g.filter_zero_std:  # DAPO dynamic sampling: groups without signal train nothing
-        keep = expand_to_rows(nonzero_std_groups(rewards, G), G).to(batch.loss_mask.device)  # (N,)
-        batch = replace(batch, loss_mask=batch.loss_mask * keep[:, None])
+        batch = replace(batch, loss_mask=batch.loss_mask * expand_to_rows(kept, G).to(batch.loss_mask.device)[:, None])
     # 4. old and reference log-probs, only when needed; carried in the batch, so selecting rows selects them
     mini_batches = g.prompts_per_step // g.mini_batch_prompts
     model.train()
@@ -152,25 +139,13 @@ def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sch
             update_metrics.append(_update(model, opt, sched, part, cfg, d, state))
     t4 = time.perf_counter()
     # 6. metrics of the step, over all ranks
-    m = _step_metrics(step, rollout, batch, texts, scores, rewards, update_metrics, G, d,
-                      {"sample": t1 - t0, "reward": t2 - t1, "old_ref": t3 - t2, "update": t4 - t3}, state.tokens_seen)
+    times = {"sample": sum(r.seconds[0] for r in rounds), "reward": sum(r.seconds[1] for r in rounds),
+             "old_ref": t3 - t2, "update": t4 - t3}
+    m = _step_metrics(step, rounds, batch, update_metrics, G, d, times, state.tokens_seen)
+    if g.filter_zero_std:
+        m.update(dynamic_sampling_metrics(rounds, int(kept.sum()), d))
     state.tokens_seen = int(m["num_tokens"])
     return m
-
-
-def reward_inputs(items, texts: list[str], rollout, G: int, steps: int, extras: bool) -> RewardInputs:
-    """What the rewards see of a step: responses and gold answers (N = P*G rows, group-contiguous); with `extras`
-    (reward.funcs are set) also each row's prompt, response token ids and its data's other columns."""
-    def per_row(values):
-        return [v for v in values for _ in range(G)]
-    answers = per_row(it.answer for it in items)
-    if not extras:
-        return RewardInputs(texts, answers, G, max_steps=steps)
-    names = dict.fromkeys(k for it in items for k in getattr(it, "columns", {}))  # a row lacking a column gets None
-    columns = {k: per_row(getattr(it, "columns", {}).get(k) for it in items) for k in names}
-    ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
-    return RewardInputs(texts, answers, G, prompts=per_row(getattr(it, "prompt", None) for it in items),
-                        completion_ids=ids, columns=columns, max_steps=steps)
 
 
 def batch_logprobs(model, batch: TrainBatch, cfg, d: Dist) -> torch.Tensor:
@@ -208,9 +183,12 @@ def accumulate_gradients(model, batch: TrainBatch, cfg, d: Dist) -> dict | None:
         old = logp.detach() if mb.old_logp is None else mb.old_logp.to(logp.device)
         ref = None if mb.ref_logp is None else mb.ref_logp.to(logp.device)
         loss, m = grpo_objective(logp, old, mb.advantages, mb.loss_mask, ref_logp=ref, entropy=entropy,
-                                 clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c, kl_coef=g.kl_coef,
-                                 kl_kind=g.kl_kind, entropy_coef=g.entropy_coef, agg_mode=g.agg_mode,
-                                 num_tokens=num_tokens, num_seqs=num_seqs, norm_len=cfg.rollout.max_new_tokens)
+                                 policy=g.policy_loss, clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c,
+                                 kl_coef=g.kl_coef, kl_kind=g.kl_kind, entropy_coef=g.entropy_coef,
+                                 agg_mode=g.agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
+                                 norm_len=cfg.rollout.max_new_tokens, sampler_logp=mb.sampler_logp.to(logp.device),
+                                 correction=g.sampler_correction, tis_cap=g.tis_cap, mis_low=g.mis_low,
+                                 mis_high=g.mis_high)
         # FSDP averages gradients over ranks; the loss is already a global mean, so undo the average
         (loss * weight * d.world).backward()
         diff = ((logp.detach() - mb.sampler_logp).abs() * mb.loss_mask).float()
@@ -277,23 +255,29 @@ def reward_func_metrics(per_func: dict, d: Dist) -> dict:
     return out
 
 
-def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, times, seen: int = 0) -> dict:
-    """Step metrics summed over ranks (TRL's names where one exists). `updates`: each update's metrics, None
-    for an update without loss tokens; a step in which no update ran logs no_update 1 and leaves out what only
-    an update measures (loss, entropy, clip ratios, grad_norm, learning_rate, ...)."""
+def _step_metrics(step, rounds, batch, updates, G, d, times, seen: int = 0) -> dict:
+    """Step metrics summed over ranks (TRL's names where one exists), of every response the step sampled (all
+    its rounds) and of the batch it trained. `updates`: each update's metrics, None for an update without loss
+    tokens; a step in which no update ran logs no_update 1 and leaves out what only an update measures (loss,
+    entropy, clip ratios, grad_norm, learning_rate, ...)."""
+    texts = [t for r in rounds for t in r.texts]
+    rewards = torch.cat([r.rewards for r in rounds])  # (N_all,), N_all = N of every round
+    components = [c for r in rounds for c in r.scores.components]
+    per_func = {k: [v for r in rounds for v in r.scores.per_func[k]] for k in rounds[0].scores.per_func}
     stats = [parallel_stats(t) for t in texts]
-    lengths = rollout.response_mask.sum(1).float()  # (N,)
-    stopped = torch.tensor([r == "stop" for r in rollout.finish_reason])  # (N,) ended with a stop token
+    lengths = torch.cat([r.rollout.response_mask.sum(1).float().cpu() for r in rounds])  # (N_all,)
+    stopped = torch.tensor([f == "stop" for r in rounds for f in r.rollout.finish_reason])  # ended with a stop token
     first = [s.first_block_position for s in stats if s.first_block_position is not None]
     local = torch.tensor([
         len(texts), float(rewards.sum()), float((rewards ** 2).sum()),
-        sum(float(c.get("accuracy", 0.0)) for c in scores.components),
-        sum("accuracy" in c for c in scores.components),  # none without the built-in reward (reward.mode: none)
+        sum(float(c.get("accuracy", 0.0)) for c in components),
+        sum("accuracy" in c for c in components),  # none without the built-in reward (reward.mode: none)
         sum(s.num_blocks > 0 for s in stats), sum(s.well_formed for s in stats),  # DESIGN: >= 1 valid block
         float(lengths.sum()), len(texts) - int(stopped.sum()), frac_zero_std(rewards, G) * len(texts) / G,
-        sum(first), len(first), float(rollout.response_mask.sum()), scores.timeouts, scores.errors,
+        sum(first), len(first), sum(float(r.rollout.response_mask.sum()) for r in rounds),
+        sum(r.scores.timeouts for r in rounds), sum(r.scores.errors for r in rounds),
         float(batch.loss_mask.sum()), float(lengths[stopped].sum()), float(stopped.sum()),
-        float(batch.attention_mask.sum()),  # prompt and completion tokens
+        sum(float(r.rollout.prompt_mask.sum() + r.rollout.response_mask.sum()) for r in rounds),  # prompt+completion
     ], dtype=torch.float64, device=d.device)
     n, rs, rs2, acc, n_acc, par, wf, ln, cut, zs, fp, nf, tok, to, err, loss_tok, stop_ln, n_stop, seq_tok = \
         all_reduce(local).tolist()
@@ -306,7 +290,7 @@ def _step_metrics(step, rollout, batch, texts, scores, rewards, updates, G, d, t
            "completions/mean_terminated_length": stop_ln / n_stop if n_stop else None,
            "frac_reward_zero_std": zs / (n / G), "first_block_position": fp / nf if nf else None,
            "reward/timeouts": to, "reward/errors": err, "loss_tokens": loss_tok, "num_tokens": seen + seq_tok,
-           **reward_func_metrics(scores.per_func, d)}
+           **reward_func_metrics(per_func, d)}
     ran = [u for u in updates if u is not None]
     out["no_update"] = float(not ran)
     for k in ran[0] if ran else ():

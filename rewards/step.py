@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .funcs import RewardFunc, call_reward_func, group_kwargs, import_reward_func, weighted_total
+from .length import OverlongPenalty
 from .pool import BatchScores, Job, RewardPool
 from .schedule import RewardFn
 
@@ -15,16 +16,19 @@ from .schedule import RewardFn
 @dataclass(frozen=True)
 class RewardSet:
     """What a step is scored with: `builtin` ((response, gold, step) -> (float, dict), e.g. a RewardFn; None when
-    reward.mode is none), named `builtin_name` in the metrics, plus `funcs` (reward.funcs with their weights)."""
+    reward.mode is none), named `builtin_name` in the metrics, plus `funcs` (reward.funcs with their weights), plus
+    `overlong` (DAPO's soft overlong penalty on the response length, named "overlong"; None = off)."""
     builtin: object | None
     builtin_name: str = "reward"
     funcs: tuple[RewardFunc, ...] = ()
+    overlong: OverlongPenalty | None = None
 
     @classmethod
     def from_section(cls, section, builtin=None) -> "RewardSet":
         """The rewards of a config's reward section (read by field name, as RewardFn.from_section): the built-in
         reward named after reward.mode, or none for mode none; `builtin` replaces it (train_grpo's reward_fn, e.g.
-        a test's toy reward; named "reward_fn"); reward.funcs weighted by reward.weights (1 each when unset)."""
+        a test's toy reward; named "reward_fn"); reward.funcs weighted by reward.weights (1 each when unset);
+        reward.overlong_buffer's len and penalty."""
         if builtin is not None:
             name = "reward_fn"
         elif section.mode != "none":
@@ -32,12 +36,15 @@ class RewardSet:
         else:
             name = ""
         weights = section.weights if section.weights is not None else [1.0] * len(section.funcs)
-        return cls(builtin, name, tuple(RewardFunc(s, float(w)) for s, w in zip(section.funcs, weights)))
+        buffer = section.overlong_buffer  # its `len` and `penalty`, or None
+        overlong = None if buffer is None else OverlongPenalty(buffer.len, buffer.penalty)
+        return cls(builtin, name, tuple(RewardFunc(s, float(w)) for s, w in zip(section.funcs, weights)), overlong)
 
     @property
     def names(self) -> list[str]:
-        """Metric names, built-in first (rewards/<name>/mean)."""
-        return ([self.builtin_name] if self.builtin is not None else []) + [f.name for f in self.funcs]
+        """Metric names, built-in first (rewards/<name>/mean), the overlong penalty last."""
+        return (([self.builtin_name] if self.builtin is not None else []) + [f.name for f in self.funcs]
+                + (["overlong"] if self.overlong is not None else []))
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class RewardInputs:
     completion_ids: list | None = None
     columns: dict = field(default_factory=dict)
     max_steps: int = 0
+    completion_lengths: list | None = None  # (N,) response lengths in tokens (forced tags included)
+    max_completion_length: int | None = None  # the response limit in tokens (rollout.max_new_tokens)
 
 
 def score_step(pool: RewardPool, rewards: RewardSet, inputs: RewardInputs, step: int) -> BatchScores:
@@ -93,8 +102,18 @@ def score_step(pool: RewardPool, rewards: RewardSet, inputs: RewardInputs, step:
                 values[rows.start:rows.stop] = outcome.value
         per_func[f.name] = values
         parts.append((f.weight, values))
+    if rewards.overlong is not None:  # arithmetic on lengths: here, not in the pool
+        per_func["overlong"] = overlong_scores(rewards.overlong, inputs)
+        parts.append((1.0, per_func["overlong"]))
     return replace(scores, rewards=weighted_total(n, parts), per_func=per_func, failures=failures,
                    timeouts=timeouts, errors=errors)
+
+
+def overlong_scores(penalty: OverlongPenalty, inputs: RewardInputs) -> list[float]:
+    """The overlong penalty of each response (N,), from inputs.completion_lengths and max_completion_length."""
+    if inputs.completion_lengths is None or inputs.max_completion_length is None:
+        raise ValueError("the overlong penalty needs RewardInputs.completion_lengths and max_completion_length")
+    return [penalty(length, inputs.max_completion_length) for length in inputs.completion_lengths]
 
 
 def _first_failures(pool: RewardPool, name: str, reasons: list[str], timeout: bool = False) -> list:

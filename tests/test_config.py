@@ -209,6 +209,14 @@ def demo_with(*overrides, world=1):
     ("reward.timeout=0", r"reward.timeout: 0.0 is out of range; it must be > 0.0"),
     ("reward.workers=-1", r"reward.workers: -1 is out of range"),
     ("grpo.clip_c=0.5", r"grpo.clip_c: 0.5 is out of range; it must be > 1.0"),
+    ("grpo.policy_loss=dapo", r"grpo.policy_loss: 'dapo' is not allowed; choose one of \['ppo_clip', 'gspo', 'cispo'\]"),
+    ("grpo.sampler_correction=icepop", r"grpo.sampler_correction: 'icepop' is not allowed"),
+    ("grpo.tis_cap=0.5", r"grpo.tis_cap: 0.5 is out of range; it must be >= 1.0"),
+    ("grpo.mis_low=1.0", r"grpo.mis_low: 1.0 is out of range; it must be > 0.0 and < 1.0"),
+    ("grpo.mis_high=1.0", r"grpo.mis_high: 1.0 is out of range; it must be > 1.0"),
+    ("grpo.max_sampling_rounds=0", r"grpo.max_sampling_rounds: 0 is out of range; it must be >= 1"),
+    ("reward.overlong_buffer.len=0", r"reward.overlong_buffer.len: 0 is out of range; it must be >= 1"),
+    ("reward.overlong_buffer.penalty=-1", r"reward.overlong_buffer.penalty: -1.0 is out of range; it must be >= 0.0"),
     ("checkpoint.keep=-1", r"checkpoint.keep: -1 is out of range"),
     ("model.device=gpu", r"model.device: 'gpu' is not allowed; it must be auto, cpu, cuda or cuda:N"),
     ("seed=-3", r"seed: -3 is out of range"),
@@ -230,6 +238,14 @@ def test_value_ranges_are_refused_when_read(override, match):
     (["data.val_size=1.5"], 1, r"data.val_size: 1.5"),
     (["data.synthetic.difficulty=medium"], 1, r"data.synthetic.difficulty: 'medium'"),
     (["checkpoint.resume=sometimes"], 1, r"checkpoint.resume: 'sometimes' is not a directory; give auto, never"),
+    (["grpo.policy_loss=gspo", "grpo.clip_c=3"], 1, r"grpo.clip_c \(the dual clip\) belongs to policy_loss ppo_clip, "
+     r"not gspo"),
+    (["grpo.sampler_correction=tis", "grpo.loss_on_forced=true"], 1, r"grpo.sampler_correction: tis weighs each loss "
+     r"token by the sampler's log-prob of it, and forced tokens"),
+    (["grpo.max_sampling_rounds=3", "grpo.filter_zero_std=false"], 1, r"grpo.max_sampling_rounds=3 refills the groups "
+     r"that grpo.filter_zero_std drops"),
+    (["reward.overlong_buffer={len: 500}"], 1, r"reward.overlong_buffer.len=500 must be at most "
+     r"rollout.max_new_tokens=\d+"),
 ])
 def test_rules_between_keys_are_refused_before_any_work(overrides, world, match):
     with pytest.raises(ConfigError, match=match):
