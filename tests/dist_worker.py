@@ -29,6 +29,7 @@ from model import add_tag_tokens, apply_structured_attention, build_model  # noq
 from model.tokenizer import build_word_tokenizer  # noqa: E402
 from rollout import Rollout, Sampler  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
+from tests.test_rounds import FlatOrLive  # noqa: E402
 from tests.test_trainer import Item, ListFeed, WordReward, eos_leaning, tiny, toy_config, toy_feed  # noqa: E402
 
 PROBE = [[5, 9, 14, 3, 27, 8], [40, 41, 42, 43, 44, 45]]  # token ids the exported model is checked on
@@ -57,11 +58,12 @@ def build(kind: str, tok, tags):
     raise ValueError(f"unknown model kind {kind!r}")
 
 
-def feed(tok, texts=None):
-    """The toy feed of tests/test_trainer.py, or one over `texts`."""
+def feed(tok, texts=None, answers=None):
+    """The toy feed of tests/test_trainer.py, or one over `texts` (gold answers `answers`, default "0" each)."""
     if texts is None:
         return toy_feed(tok)
-    return ListFeed([Item(tok.encode(t, add_special_tokens=False), "0") for t in texts])
+    answers = answers or ["0"] * len(texts)
+    return ListFeed([Item(tok.encode(t, add_special_tokens=False), a) for t, a in zip(texts, answers)])
 
 
 def take_rows(r: Rollout, rows: list) -> Rollout:
@@ -176,8 +178,8 @@ def grads_scenario(spec: dict, d, tok, tags) -> None:
 
 
 def run_scenario(spec: dict, d, tok, tags) -> int:
-    """Train as `spec` says (keys: out, config, model, texts, ref, replay | record | hold, block); returns the
-    exit code."""
+    """Train as `spec` says (keys: out, config, model, texts, answers, reward, ref, replay | record | hold, block);
+    returns the exit code."""
     out = spec["out"]
     os.makedirs(out, exist_ok=True)
     cfg = toy_config(**spec.get("config", {}))
@@ -195,9 +197,13 @@ def run_scenario(spec: dict, d, tok, tags) -> int:
         grpo.loop.Sampler = RecordingSampler
     block = spec.get("block")
     reward = BlockingReward(block["at"], block["mode"], out, d.rank) if block else WordReward()
+    if spec.get("reward") == "flat_or_live":
+        reward = FlatOrLive()
+    prompts = feed(tok, spec.get("texts"), spec.get("answers"))
     facts, code = {}, 0
     try:
-        train_grpo(cfg, model, tok, tags, feed(tok, spec.get("texts")), out, d, ref_model=ref, reward_fn=reward)
+        train_grpo(cfg, model, tok, tags, prompts, out, d, ref_model=ref, reward_fn=reward)
+        facts["feed"] = prompts.state_dict()
     except ValueError as e:
         facts["error"] = str(e)
         facts["files_after_error"] = sorted(f for f in os.listdir(out) if not f.startswith("rank"))

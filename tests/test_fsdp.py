@@ -28,7 +28,7 @@ from grpo.trainer import accumulate_gradients
 from rollout import Sampler
 
 from .dist_worker import build, run, run_scenario
-from .test_trainer import toy_config, toy_feed
+from .test_trainer import OBJECTIVES, off_policy, toy_config, toy_feed
 
 STEPS = 2
 ONE = {"micro_batch_tokens": 100_000}  # one micro-batch per update
@@ -45,7 +45,8 @@ CASES = {  # name -> (model kind, config overrides, reference model)
 }
 COMPARED = ("policy_loss", "entropy", "grad_norm", "approx_kl", "kl", "reward", "clip_ratio/region_mean")
 GRAD_CASES = [("eos", "token-mean"), ("eos", "seq-mean-token-mean"), ("eos", "seq-mean-token-sum-norm"),
-              ("tags", "token-mean"), ("eos", "activation-checkpointing")]  # the last: token-mean, AC on 2 ranks
+              ("tags", "token-mean"), ("eos", "activation-checkpointing"),  # token-mean, AC on 2 ranks
+              ("eos", "gspo+mis"), ("eos", "cispo+tis")]  # the other policy losses and sampler corrections
 
 
 def config(over: dict, grpo: dict) -> dict:
@@ -90,6 +91,11 @@ def runs(tok, tags, tmp_path_factory):
                       "config": config({**sampling, "variant": "structured"}, SPLIT)})
     scenarios.append({"out": str(root / "bad_world"), "config": config({}, {"prompts_per_step": 3,
                                                                            "mini_batch_prompts": 3})})
+    # refill: rank 0's first share has signal, rank 1's has none; 2 updates a step
+    scenarios.append({"out": str(root / "refill"), "texts": [f"question {i}" for i in range(6)],
+                      "answers": ["live", "flat", "live", "flat", "flat", "live"], "reward": "flat_or_live",
+                      "config": config({"rollout": {"group_size": 4, "max_new_tokens": 8}},
+                                       {"filter_zero_std": True, "max_sampling_rounds": 4, "mini_batch_prompts": 2})})
     run(scenarios, str(root), nproc=2, timeout=150)
     return root
 
@@ -105,17 +111,18 @@ def references(root, tok, tags) -> list:
                           "config": config(over, SPLIT)})
     for kind, case in GRAD_CASES:
         model, batch = fixed_batch(tok, tags, kind)
+        if case in OBJECTIVES:
+            batch = off_policy(batch)  # sampler log-probs apart from the old ones: the corrections act
         path = str(root / f"{kind}-{case}.batch")
         torch.save(batch, path)
-        agg = "token-mean" if case == "activation-checkpointing" else case
+        over = OBJECTIVES.get(case, {"agg_mode": "token-mean" if case == "activation-checkpointing" else case})
         cfg = {"variant": "structured" if kind == "tags" else "causal", "rollout": {"group_size": 4}}
-        metrics_one = accumulate_gradients(model.train(), batch, toy_config(**cfg, grpo={**ONE, "agg_mode": agg}),
-                                           Dist())
+        metrics_one = accumulate_gradients(model.train(), batch, toy_config(**cfg, grpo={**ONE, **over}), Dist())
         torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics_one},
                    root / f"{kind}-{case}.one")
         scenarios.append({"out": str(root / f"{kind}-{case}"), "model": kind, "batch": path,
                           "activation_checkpointing": case == "activation-checkpointing",
-                          "config": {**cfg, "grpo": {"micro_batch_tokens": 40, "agg_mode": agg}}})
+                          "config": {**cfg, "grpo": {"micro_batch_tokens": 40, **over}}})
     return scenarios
 
 
@@ -140,8 +147,14 @@ def test_gradients_split_over_ranks_and_micro_batches(runs, kind, case):
     for k, g in one["grads"].items():
         assert torch.allclose(g, two["grads"][k], atol=1e-6, rtol=1e-5), (k, (g - two["grads"][k]).abs().max())
     assert max(g.abs().max() for g in one["grads"].values()) > 1e-4  # a real gradient
-    for k in ("policy_loss", "clip_ratio/low_mean", "entropy", "approx_kl", "sampling/sampling_logp_difference/mean"):
-        assert abs(one["metrics"][k] - two["metrics"][k]) < 1e-5, k
+    assert one["metrics"].keys() == two["metrics"].keys()
+    for k in ("policy_loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy", "approx_kl",
+              "sampling/sampling_logp_difference/mean", "sampling/tis_capped_ratio", "sampling/mis_masked_ratio"):
+        if k in one["metrics"]:
+            assert abs(one["metrics"][k] - two["metrics"][k]) < 1e-5, k
+    if case in OBJECTIVES:  # the clips and the correction act on this batch
+        assert 0 < one["metrics"]["clip_ratio/region_mean"] < 1
+        assert 0 < one["metrics"].get("sampling/tis_capped_ratio", one["metrics"].get("sampling/mis_masked_ratio")) < 1
     assert facts(runs / f"{kind}-{case}")["activation_checkpointing"] == (case == "activation-checkpointing")
     counts = [facts(runs / f"{kind}-{case}", r)["micro_batches"] for r in (0, 1)]
     assert min(counts) >= 2
@@ -198,6 +211,17 @@ def test_structured_sampling_under_fsdp(runs):
     assert [r["step"] for r in rows] == list(range(STEPS))
     assert max(r["sampling/sampling_logp_difference/max"] for r in rows) < 1e-4
     assert sum(sum(facts(runs / "sample_structured", r)["blocks"]) for r in (0, 1)) > 0  # paths were sampled
+
+
+def test_refill_under_two_ranks(runs):
+    """DAPO's refill on 2 ranks: rank 1's first share has no signal, so the ranks sample more rounds together
+    until each has its 2 groups with signal; their feeds end at the same position (what the checkpoint keeps)."""
+    rows = metrics(runs / "refill")
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert all(r["dynamic_sampling/kept_groups"] == 4 for r in rows)
+    assert rows[0]["dynamic_sampling/rounds"] >= 2 and rows[0]["frac_reward_zero_std"] > 0
+    feeds = [facts(runs / "refill", r)["feed"] for r in (0, 1)]
+    assert feeds[0] == feeds[1] and feeds[0]["pos"] == sum(r["dynamic_sampling/sampled_groups"] for r in rows)
 
 
 def test_world_size_must_divide_the_prompt_batch(runs):

@@ -124,22 +124,41 @@ def rollout_batch(tok, model, structured=False, tags=None, seed=3):
     return make_batch(r, adv)
 
 
+OBJECTIVES = {  # grpo overrides: each policy loss and sampler correction, clips that act on these ratios
+    "ppo_clip": {"clip_low": 0.03, "clip_high": 0.03},
+    "gspo+mis": {"policy_loss": "gspo", "clip_low": 0.002, "clip_high": 0.002, "sampler_correction": "mis",
+                 "mis_low": 0.85, "mis_high": 1.15},
+    "cispo+tis": {"policy_loss": "cispo", "clip_low": 0.02, "clip_high": 0.02, "sampler_correction": "tis",
+                  "tis_cap": 1.02},
+}
+
+
+def off_policy(batch):
+    """Old and sampler log-probs that wiggle around the sampler's (= the model's) along the row: ratios on both
+    sides of 1, for the clips and for the corrections."""
+    cols = torch.arange(batch.input_ids.shape[1])[None].float()  # (1, T)
+    rows = torch.arange(batch.input_ids.shape[0])[:, None].float()  # (N, 1): some rows' sampler off by more
+    return replace(batch, old_logp=batch.sampler_logp + 0.05 * torch.sin(0.7 * cols),
+                   sampler_logp=batch.sampler_logp + 0.03 * torch.cos(1.1 * cols) + 0.004 * (rows - 3.5))
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_split_into_micro_batches_gives_the_same_gradients(tok, agg_mode):
+def test_split_into_micro_batches_gives_the_same_gradients(tok, agg_mode, objective):
     model = eos_leaning(tok)
-    batch = rollout_batch(tok, model)
-    old = batch.sampler_logp - 0.05 * torch.arange(batch.input_ids.shape[1])[None] / 10  # off-policy: ratios != 1
-    batch = replace(batch, old_logp=old)
+    batch = off_policy(rollout_batch(tok, model))
     grads = []
     for budget in (100_000, 40):  # one micro-batch vs several
-        cfg = toy_config(grpo={"micro_batch_tokens": budget, "agg_mode": agg_mode})
+        cfg = toy_config(grpo={"micro_batch_tokens": budget, "agg_mode": agg_mode, **OBJECTIVES[objective]})
         m = copy.deepcopy(model).train()
         metrics = accumulate_gradients(m, batch, cfg, Dist())
         grads.append(([p.grad.clone() for p in m.parameters()], metrics))
     (g1, m1), (g4, m4) = grads
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(g1, g4))
     assert max(a.abs().max() for a in g1) > 1e-4  # a real gradient
-    for k in ("policy_loss", "clip_ratio/low_mean", "entropy", "approx_kl"):
+    acted = [k for k in m1 if k.startswith(("clip_ratio/", "sampling/tis", "sampling/mis"))]
+    assert any(0 < m1[k] < 1 for k in acted), {k: m1[k] for k in acted}  # the clips and corrections act
+    for k in ("policy_loss", "entropy", "approx_kl", *acted):
         assert abs(m1[k] - m4[k]) < 1e-5, k
 
 
@@ -233,6 +252,18 @@ def test_reward_functions_by_name_log_their_own_metrics_and_count_failures(tok, 
         assert (r["reward/errors"], r["reward/timeouts"]) == (n, 0)
     named = [rec.getMessage() for rec in caplog.records if "reward raises failed" in rec.getMessage()]
     assert len(named) == 1 and "RuntimeError: boom" in named[0]
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # 4-token responses: the <Parallel> panel is empty
+def test_overlong_penalty_is_a_logged_part_of_the_reward(tok, tags, tmp_path):
+    """reward.overlong_buffer over the whole 4-token limit: each response loses length/4, so the part's mean is
+    -mean_length/4 (rewards/overlong/mean), and the step's reward is the built-in's plus it."""
+    cfg = toy_config(grpo={"steps": 2}, rollout={"max_new_tokens": 4}, reward={"overlong_buffer": {"len": 4}})
+    train_grpo(cfg, tiny(tok), tok, tags, toy_feed(tok), str(tmp_path), Dist(), reward_fn=WordReward())
+    for r in (json.loads(line) for line in open(tmp_path / "metrics.jsonl")):
+        assert r["rewards/overlong/mean"] == pytest.approx(-r["completions/mean_length"] / 4)
+        assert r["reward"] == pytest.approx(r["rewards/reward_fn/mean"] + r["rewards/overlong/mean"])
+        assert r["rewards/overlong/mean"] < 0
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # 4-token responses: the <Parallel> panel is empty
