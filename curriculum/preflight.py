@@ -134,7 +134,8 @@ def check_reward_keys(r) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"reward.funcs: the name(s) {twice} appear twice (the built-in reward is named after "
-                          "reward.mode); each reward needs its own name for rewards/<name>/mean (reward.overlong_buffer is named overlong)")
+                          "reward.mode, reward.overlong_buffer's part overlong); each reward needs its own name for "
+                          "rewards/<name>/mean")
 
 
 def check_synthetic(spec: dict, key: str) -> None:

@@ -14,8 +14,10 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 POLICY_LOSSES = ("ppo_clip", "gspo", "cispo")
 CORRECTIONS = ("none", "tis", "mis")
 # What each objective uses where grpo_objective (and the config) leave clip_low, clip_high or agg_mode unset:
-# its paper's setting. GSPO's ratio is a per-token geometric mean, so it clips at ~1e-4, not 0.2 (Zheng et al.
-# 2025; verl's and TRL's GSPO examples). CISPO sets no lower bound (MiniMax-M1: "a large eps_low") and caps the weight at 1 + 4 = 5, ScaleRL's eps_max (TRL recommends epsilon_high=5.0, Tinker 4.0).
+# its paper's setting. GSPO's ratio is a geometric mean over the sequence, so it clips at ~1e-4, not 0.2 (Zheng
+# et al. 2025, as verl's and TRL's GSPO examples), and its objective is a mean over sequences. CISPO sets no lower
+# bound on its weight (MiniMax-M1: "a large eps_low") and caps it at 1 + 4 = 5, ScaleRL's eps_max (TRL
+# recommends epsilon_high=5.0 for its cispo, Tinker caps at 4.0; verl's example at 1.2).
 OBJECTIVE_DEFAULTS = {
     "ppo_clip": {"clip_low": 0.2, "clip_high": 0.2, "agg_mode": "token-mean"},
     "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "agg_mode": "seq-mean-token-mean"},
@@ -267,7 +269,8 @@ def grpo_objective(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     clipped = clip_flags(per_token_fn, logp, adv, ratio_fn(logp.detach()), dual=clip_c is not None)
     per_seq = {**agg, "mode": "seq-mean-token-mean"}  # GSPO clips, MIS masks whole sequences: shares of sequences
     metrics.update(_shares(clipped, mask, per_seq if policy == "gspo" else agg, logp.dtype))
-    metrics.update(_shares(touched, mask, per_seq if correction == "mis" else {**agg, "mode": "token-mean"}, logp.dtype))
+    per_token_share = {**agg, "mode": "token-mean"}
+    metrics.update(_shares(touched, mask, per_seq if correction == "mis" else per_token_share, logp.dtype))
     with torch.no_grad():
         log_ratio = logp - old_logp  # (B, T), 0 at masked positions
         metrics["approx_kl"] = aggregate(kl_penalty(zero.expand_as(log_ratio), log_ratio, "k3"), mask, **agg)

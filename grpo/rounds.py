@@ -55,7 +55,8 @@ def sample_round(k: int, step: int, items, model, sampler, pool, reward_set, tok
         try:
             rollout = sampler.generate([it.prompt_ids for it in items], n=G, max_new_tokens=ro.max_new_tokens,
                                        temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                       stop_ids=stop_token_ids(tokenizer), structured=structured_tags(model) is not None,
+                                       stop_ids=stop_token_ids(tokenizer),
+                                       structured=structured_tags(model) is not None,
                                        seed=cfg.seed * 1_000_003 + step * d.world + d.rank + k * ROUND_SEED,
                                        should_stop=stop.asked if stop else None)
         except SamplingAborted:
@@ -116,20 +117,17 @@ def sample_groups(first: list, draw, run_round, G: int, refill: bool, max_rounds
 
 
 def slot_batch(rounds: list[Round], slots: list, G: int, pad_id: int, **make_kw) -> tuple[TrainBatch, torch.Tensor]:
-    """The training batch of the slots (rows group by group, slot order; advantages 0, set by the caller) and
-    their rewards (N,). All from round 0: that round's batch as it is (one round trains exactly as before
-    refilling existed)."""
-    rows = [(r, i * G + j) for r, i in slots for j in range(G)]  # (round, row) of each training row
+    """The training batch of the slots (rows group by group, in slot order; advantages 0, set by the caller) and
+    their rewards (N,). make_kw: make_batch's keywords."""
+    rows = [(r, i * G + j) for r, i in slots for j in range(G)]  # (round, row in it) of each training row
     rewards = torch.stack([rounds[r].rewards[row] for r, row in rows])  # (N,)
-    batches = [make_batch(rnd.rollout, torch.zeros(len(rnd.texts), device=rnd.rollout.logprobs.device), **make_kw)
-               for rnd in rounds[:max(r for r, _ in slots) + 1]]
-    if len(batches) == 1:
+    used = sorted({r for r, _ in slots})
+    batches = {r: make_batch(rounds[r].rollout, torch.zeros(len(rounds[r].texts)), **make_kw) for r in used}
+    if used == [0]:  # one round's batch as it is: a step without refill trains exactly as before refilling existed
         return batches[0], rewards
-    used = sorted({r for r, _ in rows})
     parts = [batches[r].select([row for rr, row in rows if rr == r]) for r in used]  # each round's rows, in order
-    order = [k for r in used for k, (rr, _) in enumerate(rows) if rr == r]  # training row of each cat row
-    joined = cat_batches(parts, pad_id)
-    return joined.select(sorted(range(len(order)), key=order.__getitem__)), rewards
+    order = torch.tensor([k for r in used for k, (rr, _) in enumerate(rows) if rr == r])  # training row of each
+    return cat_batches(parts, pad_id).select(order.argsort()), rewards
 
 
 def dynamic_sampling_metrics(rounds: list[Round], kept: int, d: Dist) -> dict:

@@ -1,5 +1,5 @@
-"""DAPO's soft overlong punishment (Yu et al. 2025, "Overlong Reward Shaping") as a reward part: a response that nears the
-length limit loses reward gradually instead of only being cut. Plain Python: lengths in, a float out."""
+"""DAPO's soft overlong punishment (Yu et al. 2025, "Overlong Reward Shaping") as a reward part: a response that
+nears the length limit loses reward gradually instead of only being cut. Plain Python: lengths in, a float out."""
 from __future__ import annotations
 
 import math

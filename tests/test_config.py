@@ -209,7 +209,8 @@ def demo_with(*overrides, world=1):
     ("reward.timeout=0", r"reward.timeout: 0.0 is out of range; it must be > 0.0"),
     ("reward.workers=-1", r"reward.workers: -1 is out of range"),
     ("grpo.clip_c=0.5", r"grpo.clip_c: 0.5 is out of range; it must be > 1.0"),
-    ("grpo.policy_loss=dapo", r"grpo.policy_loss: 'dapo' is not allowed; choose one of \['ppo_clip', 'gspo', 'cispo'\]"),
+    ("grpo.policy_loss=dapo", r"grpo.policy_loss: 'dapo' is not allowed; choose one of \['ppo_clip', 'gspo', "
+     r"'cispo'\]"),
     ("grpo.sampler_correction=icepop", r"grpo.sampler_correction: 'icepop' is not allowed"),
     ("grpo.tis_cap=0.5", r"grpo.tis_cap: 0.5 is out of range; it must be >= 1.0"),
     ("grpo.mis_low=1.0", r"grpo.mis_low: 1.0 is out of range; it must be > 0.0 and < 1.0"),

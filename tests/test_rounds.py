@@ -126,7 +126,8 @@ def test_refill_resumes_bitwise(tok, tags, tmp_path):
 
     def run(out, steps):
         cfg = refill_config(steps=steps, max_sampling_rounds=3)
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, every=1, resume="auto"), optim=replace(cfg.optim, lr=1e-2))
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, every=1, resume="auto"),
+                      optim=replace(cfg.optim, lr=1e-2))
         model = tiny(tok)
         state = train_grpo(cfg, model, tok, tags, feed_of(tok, golds), str(out), Dist(), reward_fn=FlatOrLive())
         return model, state
