@@ -67,6 +67,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss
 
 
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """log s_i = mean over row i's loss tokens of (logp - old_logp): the log of GSPO's sequence importance ratio,
+    the geometric mean of the row's token ratios. (B, T) each -> (B, 1); 0 for a row without loss tokens."""
+    mask = loss_mask.bool()
+    log_ratio = torch.where(mask, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))  # (B, T)
+    return log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+
+
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, loss_mask: torch.Tensor,
               clip_low: float = 3e-4, clip_high: float = 4e-4) -> torch.Tensor:
     """Per-token GSPO loss (Zheng et al. 2025, its GSPO-token form): -min(s*A, clip(s, 1-clip_low, 1+clip_high)*A)
@@ -82,14 +90,6 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     seq_ratio = torch.exp(log_s + logp - logp.detach())  # (B, T): s_i in value, gradient per token
     seq_clipped = seq_ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T): clipped per sequence
     return -torch.minimum(seq_ratio * adv, seq_clipped * adv)
-
-
-def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """log s_i = mean over row i's loss tokens of (logp - old_logp): the log of GSPO's sequence importance ratio,
-    the geometric mean of the row's token ratios. (B, T) each -> (B, 1); 0 for a row without loss tokens."""
-    mask = loss_mask.bool()
-    log_ratio = torch.where(mask, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))  # (B, T)
-    return log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
 
 
 def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float | None = None,
