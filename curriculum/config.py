@@ -91,7 +91,11 @@ class GRPOConfig:
     prompts_per_step: int = ranged(256, ge=1)  # P, over all ranks
     mini_batch_prompts: int = ranged(128, ge=1)  # prompts per optimizer update; P / this = updates per step
     ppo_epochs: int = ranged(1, ge=1)  # passes over each rollout batch
-    micro_batch_tokens: int = ranged(16384, ge=1)  # padded tokens per forward/backward
+    # tokens per forward/backward: real tokens when packed, rows x longest row when not (a longer row runs alone)
+    micro_batch_tokens: int = ranged(16384, ge=1)
+    # padding-free micro-batches: rows back to back with their own positions and a block-diagonal mask, spread
+    # evenly over the ranks by tokens; false: each rank's rows padded to the longest of their micro-batch
+    pack: bool = True
     # ppo_clip: PPO's clipped ratio per token (GRPO, DAPO); gspo: the sequence's ratio (geometric mean of its
     # tokens'), clipped per sequence (Zheng et al. 2025); cispo: a clipped, detached importance weight on
     # -A * logp, so every token keeps its gradient (MiniMax-M1 2025)

@@ -98,14 +98,19 @@ class _LogProbHead(nn.Module):
     [logp, entropy], aligned with the input ids (column 0 is 0: the first token has no prediction)."""
 
     def __init__(self, head: nn.Linear, input_ids: torch.Tensor, temperature: float, chunk_size: int,
-                 with_entropy: bool):
+                 with_entropy: bool, scored: torch.Tensor | None = None):
         super().__init__()
         self.head = head  # the original Linear stays a child so FSDP's parameter bookkeeping is untouched
         self.input_ids, self.temperature = input_ids, temperature
-        self.chunk_size, self.with_entropy = chunk_size, with_entropy
+        self.chunk_size, self.with_entropy, self.scored = chunk_size, with_entropy, scored
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         B, T, width = hidden.shape
+        if self.scored is not None:  # only the tokens asked for: (1, M) or (1, M, 2)
+            h = hidden.reshape(-1, width)[self.scored - 1]  # (M, hidden): the token before predicts it
+            logp, entropy = _ChunkedLogProbs.apply(h, self.head.weight, self.input_ids.reshape(-1)[self.scored],
+                                                   self.temperature, self.chunk_size, self.with_entropy)
+            return (torch.stack([logp, entropy], dim=-1) if self.with_entropy else logp)[None]
         h = hidden[:, :-1].reshape(-1, width)  # (B*(T-1), hidden): position t-1 predicts token t
         targets = self.input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
         logp, entropy = _ChunkedLogProbs.apply(h, self.head.weight, targets, self.temperature,
@@ -118,14 +123,16 @@ class _LogProbHead(nn.Module):
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                    temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
-                   **model_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   scored: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(input_ids[:, t] | input_ids[:, :t]) under logits / temperature, for a Qwen3ForCausalLM.
 
     input_ids: (B, T) long; attention_mask: (B, T) or None (padding on either side). Returns logp (B, T)
     float32 with logp[:, 0] = 0, or (logp, entropy) when with_entropy, entropy[:, t] being that of the
     distribution that token t was drawn from. chunk_size: tokens (over all rows) per float32 logits
     chunk, the memory bound of the head. model_kwargs go to the model call (position_ids, a 4D mask,
-    response_start for a model patched by model.patch.apply_structured_attention).
+    response_start for a model patched by model.patch.apply_structured_attention). `scored` (M,): flat indices
+    into input_ids (B*T) of the only tokens to score, none the first of its row (packed rows: grpo/packing.py);
+    then logp (and entropy) are (M,), and the head runs on those M tokens alone.
     Padded positions hold values of no meaning: mask them out downstream. temperature 0 (greedy sampling)
     scores under the raw logits, the sampler's rule (rollout.sample_next), so both always agree.
     """
@@ -137,9 +144,11 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     head = model.lm_head
     if getattr(head, "bias", None) is not None:
         raise ValueError("token_logprobs supports Qwen3's bias-free lm_head only")
-    model.lm_head = _LogProbHead(head, input_ids, float(temperature), int(chunk_size), with_entropy)
+    model.lm_head = _LogProbHead(head, input_ids, float(temperature), int(chunk_size), with_entropy, scored)
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
     finally:
         model.lm_head = head
+    if scored is not None:
+        out = out[0]  # (M,) or (M, 2)
     return (out[..., 0], out[..., 1]) if with_entropy else out

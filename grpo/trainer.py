@@ -25,6 +25,7 @@ from .loop import (StepAbandoned, StopFlag, TrainState, make_sampler, micro_batc
                    save_or_stop, start_note)
 from .loss import grpo_objective
 from .optim import build_optimizer
+from .packing import packed_batch_logprobs, packed_micro_batches
 from .rounds import dynamic_sampling_metrics, sample_groups, sample_round, slot_batch
 from .runlog import append_metrics, plot_metrics
 from .tracking import Trackers
@@ -149,8 +150,12 @@ def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sch
 
 
 def batch_logprobs(model, batch: TrainBatch, cfg, d: Dist) -> torch.Tensor:
-    """Per-token log-probs (N, T) of the whole batch, column-aligned with it, with no graph (old and
-    reference log-probs)."""
+    """Per-token log-probs (N, T) of the batch, column-aligned with it, with no graph (old and reference
+    log-probs). Packed (grpo.pack): response tokens of the rows with a loss token, 0 elsewhere."""
+    g = cfg.grpo
+    if g.pack:
+        return packed_batch_logprobs(model, batch, g.micro_batch_tokens, d, temperature=cfg.rollout.temperature,
+                                     chunk_size=g.logprob_chunk)
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
     with torch.no_grad():
         for mb, rows, _ in aligned_micro_batches(batch, cfg.grpo.micro_batch_tokens, d.device):
@@ -173,13 +178,8 @@ def accumulate_gradients(model, batch: TrainBatch, cfg, d: Dist) -> dict | None:
     num_tokens, num_seqs = all_reduce(counts.to(d.device)).tolist()  # num_seqs: rows with a loss token
     if num_tokens == 0:
         return None
-    live = has_loss.nonzero()[:, 0].tolist()
-    if 0 < len(live) < batch.input_ids.shape[0]:  # the rest add nothing, to the loss or to the metrics: not run
-        batch = batch.select(live)  # (filter_zero_std skips up to half the rows of an easy batch)
     totals: dict = {}
-    for mb, _, weight in aligned_micro_batches(batch, g.micro_batch_tokens, d.device):
-        logp, entropy = micro_batch_logprobs(model, mb, d.device, temperature=cfg.rollout.temperature,
-                                             chunk_size=g.logprob_chunk, with_entropy=True)  # (B, T) each
+    for mb, logp, entropy, weight in _scored_micro_batches(model, batch, cfg, d):  # logp, entropy: (B, T)
         old = logp.detach() if mb.old_logp is None else mb.old_logp.to(logp.device)
         ref = None if mb.ref_logp is None else mb.ref_logp.to(logp.device)
         loss, m = grpo_objective(logp, old, mb.advantages, mb.loss_mask, ref_logp=ref, entropy=entropy,
@@ -200,6 +200,24 @@ def accumulate_gradients(model, batch: TrainBatch, cfg, d: Dist) -> dict | None:
             else:
                 totals[k] = totals.get(k, 0.0) + float(v) * weight
     return _reduce_metrics(totals, d)
+
+
+def _scored_micro_batches(model, batch: TrainBatch, cfg, d: Dist):
+    """(micro-batch, logp, entropy, weight) of this rank's share of `batch`, forward run, backward left to the
+    caller: packed and spread evenly over the ranks (grpo.pack; the micro-batch in the response layout), or
+    this rank's rows padded, with the ranks that have fewer micro-batches repeating their last at weight 0."""
+    g = cfg.grpo
+    if g.pack:
+        yield from packed_micro_batches(model, batch, g.micro_batch_tokens, d, temperature=cfg.rollout.temperature,
+                                        chunk_size=g.logprob_chunk)
+        return
+    live = (batch.loss_mask.sum(1) > 0).nonzero()[:, 0].tolist()
+    if 0 < len(live) < batch.input_ids.shape[0]:  # the rest add nothing, to the loss or to the metrics: not run
+        batch = batch.select(live)  # (filter_zero_std skips up to half the rows of an easy batch)
+    for mb, _, weight in aligned_micro_batches(batch, g.micro_batch_tokens, d.device):
+        logp, entropy = micro_batch_logprobs(model, mb, d.device, temperature=cfg.rollout.temperature,
+                                             chunk_size=g.logprob_chunk, with_entropy=True)  # (B, T) each
+        yield mb, logp, entropy, weight
 
 
 def _update(model, opt, sched, batch: TrainBatch, cfg, d: Dist, state) -> dict | None:

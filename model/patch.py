@@ -25,10 +25,12 @@ def _flex_block_mask(s: BatchStructure):
     from torch.nn.attention.flex_attention import create_block_mask
 
     valid, block, path = s.valid, s.block_ids, s.path_ids
+    # packed sequences: a per-token segment id keeps them apart; unpacked, every token is in segment 0
+    seg = torch.zeros_like(block) if s.segment_ids is None else s.segment_ids
 
     def mask_mod(b, h, q, kv):
         sibling = (block[b, q] == block[b, kv]) & (path[b, q] >= 0) & (path[b, kv] >= 0) & (path[b, q] != path[b, kv])
-        seen = (kv <= q) & valid[b, q] & valid[b, kv] & ~sibling
+        seen = (kv <= q) & valid[b, q] & valid[b, kv] & (seg[b, q] == seg[b, kv]) & ~sibling
         return seen | ((q == kv) & ~valid[b, q])  # a padded row sees itself only: finite, ignored
 
     B, T = valid.shape

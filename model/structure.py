@@ -7,7 +7,9 @@ position right after `<Parallel>`; what follows the block sees every path and co
 
 The compact form (`BatchStructure`) stores per token a block id and a path id; visibility is then
     visible[i, j] = j <= i and both real and not (same block, both in a path, different paths)
-which is what the dense SDPA mask and the FlexAttention `mask_mod` both evaluate.
+which is what the dense SDPA mask and the FlexAttention `mask_mod` both evaluate. Several sequences packed
+into one row (the trainer's padding-free micro-batches) also carry a segment id per token, and a token then
+sees only tokens of its own segment: the mask is block-diagonal, one structured block per sequence.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ class BatchStructure:
     block_ids: torch.Tensor  # (B, T) long; block index for tokens inside a path span, else -1
     path_ids: torch.Tensor  # (B, T) long; path index within its block, else -1
     valid: torch.Tensor  # (B, T) bool; False on padding
-    malformed: torch.Tensor  # (B,) bool
+    malformed: torch.Tensor  # (B,) bool; per sequence (per segment when packed)
+    segment_ids: torch.Tensor | None = None  # (B, T) long; packed rows: which sequence a token belongs to
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, T, T) bool visibility; padding rows and columns are all False."""
@@ -41,6 +44,8 @@ class BatchStructure:
         idx = torch.arange(T, device=self.valid.device)
         causal = idx[None, :] <= idx[:, None]  # (T, T)
         both = self.valid[:, :, None] & self.valid[:, None, :]  # (B, T, T)
+        if self.segment_ids is not None:  # packed sequences never see each other
+            both = both & (self.segment_ids[:, :, None] == self.segment_ids[:, None, :])
         in_path = self.path_ids >= 0
         sibling = (
             (self.block_ids[:, :, None] == self.block_ids[:, None, :])

@@ -155,7 +155,10 @@ class BlockingReward(WordReward):
 def grads_scenario(spec: dict, d, tok, tags) -> None:
     """accumulate_gradients over this rank's rows of a fixed batch (spec["batch"]: a TrainBatch with its
     old_logp, group-contiguous, group_size G), optionally with activation checkpointing; writes the full gradients
-    and the metrics (rank 0) and this rank's number of micro-batches."""
+    and the metrics (rank 0) and this rank's micro-batches: their number, and packed (grpo.pack) the real tokens
+    and weight of each as they ran."""
+    import grpo.packing
+    import grpo.trainer
     from grpo.batching import micro_batches
     from grpo.trainer import accumulate_gradients
 
@@ -167,14 +170,32 @@ def grads_scenario(spec: dict, d, tok, tags) -> None:
     model = parallelize(build(spec.get("model", "tiny"), tok, tags), d,
                         activation_checkpointing=spec.get("activation_checkpointing", False)).train()
     sub = batch.select(rows)
-    metrics = accumulate_gradients(model, sub, cfg, d)
+    ran = []  # [real tokens, weight] of each packed micro-batch, as it ran
+    pack, micro = grpo.packing.pack, grpo.trainer.packed_micro_batches
+
+    def recording_pack(*args, **kwargs):
+        pk = pack(*args, **kwargs)
+        ran.append([pk.real_tokens])
+        return pk
+
+    def recording_micro(*args, **kwargs):
+        for item in micro(*args, **kwargs):
+            ran[-1].append(item[-1])
+            yield item
+
+    grpo.packing.pack, grpo.trainer.packed_micro_batches = recording_pack, recording_micro
+    try:
+        metrics = accumulate_gradients(model, sub, cfg, d)
+    finally:
+        grpo.packing.pack, grpo.trainer.packed_micro_batches = pack, micro
     grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # a collective
              for n, p in model.named_parameters()}
     if d.main:
         torch.save({"grads": grads, "metrics": metrics}, os.path.join(out, "grads.pt"))
     with open(os.path.join(out, f"rank{d.rank}.json"), "w") as f:
-        groups = micro_batches(sub.prompt_len, sub.response_len, cfg.grpo.micro_batch_tokens)
-        json.dump({"micro_batches": len(groups), "activation_checkpointing": model.is_gradient_checkpointing}, f)
+        n = len(ran) if cfg.grpo.pack else len(micro_batches(sub.prompt_len, sub.response_len,
+                                                                cfg.grpo.micro_batch_tokens))
+        json.dump({"micro_batches": n, "packed": ran, "activation_checkpointing": model.is_gradient_checkpointing}, f)
 
 
 def run_scenario(spec: dict, d, tok, tags) -> int:

@@ -46,7 +46,8 @@ CASES = {  # name -> (model kind, config overrides, reference model)
 COMPARED = ("policy_loss", "entropy", "grad_norm", "approx_kl", "kl", "reward", "clip_ratio/region_mean")
 GRAD_CASES = [("eos", "token-mean"), ("eos", "seq-mean-token-mean"), ("eos", "seq-mean-token-sum-norm"),
               ("tags", "token-mean"), ("eos", "activation-checkpointing"),  # token-mean, AC on 2 ranks
-              ("eos", "gspo+mis"), ("eos", "cispo+tis")]  # the other policy losses and sampler corrections
+              ("eos", "gspo+mis"), ("eos", "cispo+tis"),  # the other policy losses and sampler corrections
+              ("eos", "padded")]  # token-mean, grpo.pack false on both sides
 
 
 def config(over: dict, grpo: dict) -> dict:
@@ -115,7 +116,9 @@ def references(root, tok, tags) -> list:
             batch = off_policy(batch)  # sampler log-probs apart from the old ones: the corrections act
         path = str(root / f"{kind}-{case}.batch")
         torch.save(batch, path)
-        over = OBJECTIVES.get(case, {"agg_mode": "token-mean" if case == "activation-checkpointing" else case})
+        over = OBJECTIVES.get(case, {"agg_mode": "token-mean" if case in ("activation-checkpointing", "padded")
+                                     else case})
+        over = {**over, "pack": case != "padded"}
         cfg = {"variant": "structured" if kind == "tags" else "causal", "rollout": {"group_size": 4}}
         metrics_one = accumulate_gradients(model.train(), batch, toy_config(**cfg, grpo={**ONE, **over}), Dist())
         torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics_one},
@@ -139,8 +142,10 @@ def one_thread():
 
 @pytest.mark.parametrize("kind,case", GRAD_CASES)
 def test_gradients_split_over_ranks_and_micro_batches(runs, kind, case):
-    """2 ranks x several micro-batches (not as many on both ranks) give the gradients of 1 x 1, for each
-    aggregation mode, structured, and with activation checkpointing."""
+    """2 ranks x several micro-batches give the gradients of 1 x 1, for each aggregation mode, structured, with
+    activation checkpointing, for the other policy losses and sampler corrections, and padded. Packed, the rows are spread over the ranks by tokens: both run the same
+    number of micro-batches, their tokens in each differ by less than the longest row, and every row runs once;
+    padded, each rank runs its own rows, and the one with fewer micro-batches repeats its last at weight 0."""
     one = torch.load(runs / f"{kind}-{case}.one")
     two = torch.load(runs / f"{kind}-{case}" / "grads.pt")
     assert one["grads"].keys() == two["grads"].keys()
@@ -158,8 +163,16 @@ def test_gradients_split_over_ranks_and_micro_batches(runs, kind, case):
     assert facts(runs / f"{kind}-{case}")["activation_checkpointing"] == (case == "activation-checkpointing")
     counts = [facts(runs / f"{kind}-{case}", r)["micro_batches"] for r in (0, 1)]
     assert min(counts) >= 2
-    if kind == "eos":
+    if case == "padded":
         assert counts[0] != counts[1]  # the ranks pad with zero-weight repeats to the same count
+        return
+    batch = torch.load(runs / f"{kind}-{case}.batch", weights_only=False)
+    lengths = batch.prompt_len + batch.response_len  # (N,) every row has loss tokens here
+    ran = [facts(runs / f"{kind}-{case}", r)["packed"] for r in (0, 1)]
+    assert counts[0] == counts[1] and all(len(rank) == counts[0] for rank in ran)
+    for (t0, _), (t1, _) in zip(*ran):
+        assert abs(t0 - t1) < int(lengths.max())
+    assert sum(t * w for rank in ran for t, w in rank) == int(lengths.sum())  # each row once (stand-ins weigh 0)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -76,6 +76,31 @@ def test_without_entropy_and_without_mask(tiny_model, tiny_config):
     assert one.shape == (3, 1) and (one == 0).all()
 
 
+def test_scored_tokens_only(tiny_model, tiny_config):
+    """`scored`: the head runs on the asked tokens alone (flat indices into (B, T)), with the values and the
+    gradients of the full path at those tokens."""
+    input_ids, mask = batch(tiny_config["vocab_size"], "right")
+    scored = torch.tensor([1, 2, 5, 14, 20, 27, 38])  # (M,) none in column 0 of its row (T = 13)
+    gen = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(7, generator=gen), torch.randn(7, generator=gen)
+    grads = []
+    for run in ("scored", "full"):
+        tiny_model.zero_grad(set_to_none=True)
+        if run == "scored":
+            logp, entropy = token_logprobs(tiny_model, input_ids, mask, chunk_size=3, with_entropy=True, scored=scored)
+        else:
+            logp, entropy = (t.reshape(-1)[scored] for t in token_logprobs(tiny_model, input_ids, mask,
+                                                                          chunk_size=3, with_entropy=True))
+        (w1 * logp + w2 * entropy).sum().backward()
+        grads.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in tiny_model.parameters()]))
+    (a, b, ga), (c, d, gc) = grads
+    assert a.shape == (7,) and b.shape == (7,)
+    torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b, d, atol=1e-6, rtol=0)
+    for x, y in zip(ga, gc):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
 def test_structured_patch(tiny_model, tok, tags):
     text = ("q : add 2 and 3 <Parallel> <Path> 2 plus 3 is 5 </Path> <Path> 3 plus 2 is 5 </Path> "
             "</Parallel> <Summary> 5 </Summary> Final Answer: 5")

@@ -142,14 +142,16 @@ def off_policy(batch):
                    sampler_logp=batch.sampler_logp + 0.03 * torch.cos(1.1 * cols) + 0.004 * (rows - 3.5))
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_split_into_micro_batches_gives_the_same_gradients(tok, agg_mode, objective):
+def test_split_into_micro_batches_gives_the_same_gradients(tok, agg_mode, objective, pack):
     model = eos_leaning(tok)
     batch = off_policy(rollout_batch(tok, model))
     grads = []
     for budget in (100_000, 40):  # one micro-batch vs several
-        cfg = toy_config(grpo={"micro_batch_tokens": budget, "agg_mode": agg_mode, **OBJECTIVES[objective]})
+        cfg = toy_config(grpo={"micro_batch_tokens": budget, "agg_mode": agg_mode, "pack": pack,
+                               **OBJECTIVES[objective]})
         m = copy.deepcopy(model).train()
         metrics = accumulate_gradients(m, batch, cfg, Dist())
         grads.append(([p.grad.clone() for p in m.parameters()], metrics))
@@ -160,6 +162,59 @@ def test_split_into_micro_batches_gives_the_same_gradients(tok, agg_mode, object
     assert any(0 < m1[k] < 1 for k in acted), {k: m1[k] for k in acted}  # the clips and corrections act
     for k in ("policy_loss", "entropy", "approx_kl", *acted):
         assert abs(m1[k] - m4[k]) < 1e-5, k
+
+
+def soup_batch(tok, tags):
+    """Rows of every structure a packed row must keep as its own (tests/test_packing.py soup), of mixed lengths,
+    one with its loss masked off (filter_zero_std) and one with forced tokens left out of the loss."""
+    from .test_packing import soup
+
+    prompts, responses = soup(tags)
+    prompts.append(tok.encode("how many apples are left now", add_special_tokens=False))
+    responses.append(list(range(5, 40)))  # a long plain row
+    masks = [[1] * len(r) for r in responses]
+    masks[1] = [0, 0] + [1] * (len(responses[1]) - 2)  # forced <Parallel> <Path>: context, not actions
+    masks[3] = [0] * len(responses[3])
+    adv = torch.tensor([1.5, -0.5, 0.8, 2.0, -1.2, 0.3])  # float32, as the trainer's (token_logprobs' too)
+    batch = pack_rows(prompts, responses, tok.pad_token_id, loss_masks=masks, advantages=adv)
+    gen = torch.Generator().manual_seed(0)
+    sampler = -5.0 + 0.1 * torch.randn(batch.input_ids.shape, generator=gen)
+    return replace(batch, sampler_logp=sampler * batch.loss_mask, old_logp=sampler * batch.loss_mask)
+
+
+@pytest.mark.parametrize("variant", ["causal", "structured"])
+def test_packed_update_equals_padded_in_float64(tok, tags, variant):
+    """Old/ref log-probs and the update's gradients are the padded path's, packed in several micro-batches,
+    with tag soup, an open block, tags quoted in the prompt and a row without loss tokens; and the update's
+    forwards hold only real tokens and the packing's few padding tokens."""
+    model = tiny(tok).double()
+    if variant == "structured":
+        apply_structured_attention(model, tags)
+    batch = soup_batch(tok, tags)
+    out, grads, metrics, widths = {}, {}, {}, {}
+    for pack, budget in ((False, 100_000), (True, 40)):
+        cfg = toy_config(variant=variant, grpo={"pack": pack, "micro_batch_tokens": budget, "kl_coef": 0.1,
+                                                "agg_mode": "seq-mean-token-mean"})
+        out[pack] = batch_logprobs(model, batch, cfg, Dist())
+        m = copy.deepcopy(model).train()
+        ran = []
+        m.model.embed_tokens.register_forward_pre_hook(lambda _, args: ran.append(args[0].shape))
+        metrics[pack] = accumulate_gradients(m, replace(batch, ref_logp=out[pack] - 0.1), cfg, Dist())
+        grads[pack], widths[pack] = [p.grad for p in m.parameters()], ran
+    trained = batch.loss_mask.bool()
+    assert (out[True] - out[False])[trained].abs().max() < 1e-6
+    scored = batch.attention_mask.bool() & (torch.arange(batch.input_ids.shape[1]) >= batch.response_start)
+    scored[3] = False  # packed: the responses of the rows with a loss token are scored, nothing else
+    assert (out[True][~scored] == 0).all() and (out[True][scored] < 0).all()
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert max(g.abs().max() for g in grads[True]) > 1e-3  # a real gradient
+    for k in ("policy_loss", "kl", "entropy", "sampling/sampling_logp_difference/mean"):
+        assert abs(metrics[True][k] - metrics[False][k]) < 1e-6, k
+    live = batch.prompt_len + batch.response_len
+    live = int(live.sum() - live[3])  # row 3 has no loss token: never run
+    assert len(widths[True]) > 1 and sum(s.numel() for s in widths[True]) < 1.25 * live
+    assert sum(s.numel() for s in widths[False]) > 2 * live  # padded: 5 rows as wide as the longest
 
 
 def test_structured_batch_trains_with_the_structure(tok, tags):
@@ -287,8 +342,9 @@ def test_lr_schedule_counts_updates(tok, tags, tmp_path):
         assert got == pytest.approx(expected[k], rel=1e-9), k
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_rows_without_loss_tokens_do_not_dilute_the_gradient(tok, agg_mode):
+def test_rows_without_loss_tokens_do_not_dilute_the_gradient(tok, agg_mode, pack):
     """3 rows + 3 rows whose loss mask was zeroed (filter_zero_std, mask_truncated) give the gradient of the
     3 rows alone: only rows with a loss token count as sequences, over the whole update."""
     model = eos_leaning(tok)
@@ -296,20 +352,22 @@ def test_rows_without_loss_tokens_do_not_dilute_the_gradient(tok, agg_mode):
     batch = replace(batch, old_logp=batch.sampler_logp - 0.05 * torch.arange(batch.input_ids.shape[1])[None] / 10)
     six = batch.select(range(6))
     six = replace(six, loss_mask=six.loss_mask * torch.tensor([1, 1, 1, 0, 0, 0])[:, None])
-    cfg = toy_config(grpo={"agg_mode": agg_mode})
+    cfg = toy_config(grpo={"agg_mode": agg_mode, "pack": pack})
     grads, rows_run = [], []
     for part in (batch.select(range(3)), six):
         m = copy.deepcopy(model).train()
-        m.model.embed_tokens.register_forward_pre_hook(lambda _, args: rows_run.append(args[0].shape[0]))
+        m.model.embed_tokens.register_forward_pre_hook(lambda _, args: rows_run.append(args[0].shape))
         accumulate_gradients(m, part, cfg, Dist())
         grads.append([p.grad for p in m.parameters()])
     # fp32 rounding of other padding widths: ~4e-7 here; diluting by 3/6 would halve the seq-mean gradients
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(*grads))
     assert max(g.abs().max() for g in grads[0]) > 1e-4  # a real gradient
-    assert rows_run == [3, 3]  # the three masked rows are never run
+    assert rows_run[0] == rows_run[1]  # the three masked rows are never run
+    assert rows_run[0][0] == 3 or pack
 
 
-def test_row_logprobs_do_not_depend_on_left_padding(tok):
+@pytest.mark.parametrize("pack", [False, True])
+def test_row_logprobs_do_not_depend_on_left_padding(tok, pack):
     """The causal trainer forward counts positions from each row's first token, as the sampler does: a row's
     log-probs are the same alone and beside a 1000-token prompt (RoPE of shifted positions drifts in fp32:
     7e-5 here without position ids)."""
@@ -320,7 +378,7 @@ def test_row_logprobs_do_not_depend_on_left_padding(tok):
             layer.self_attn.k_norm.weight.mul_(6.0)
     gen = torch.Generator().manual_seed(0)
     prompt, response, long_prompt = (torch.randint(5, 60, (n,), generator=gen).tolist() for n in (6, 30, 1000))
-    cfg = toy_config(grpo={"micro_batch_tokens": 100_000})  # one micro-batch
+    cfg = toy_config(grpo={"micro_batch_tokens": 100_000, "pack": pack})  # one micro-batch
     alone = batch_logprobs(model, pack_rows([prompt], [response], tok.pad_token_id), cfg, Dist())
     beside = batch_logprobs(model, pack_rows([prompt, long_prompt], [response, response[:3]], tok.pad_token_id),
                             cfg, Dist())
