@@ -104,8 +104,9 @@ def train(cfg, plans=(), note: str | None = None) -> int:
         summaries = run_pipeline(cfg, d, {stage.name: plan_headline(plan) for stage, plan in plans})
         if d.main:
             print_summary(cfg, summaries, note)
-    except StopRequested as e:
-        print(f"\n{e}", file=sys.stderr)
+    except StopRequested as e:  # every rank stops at the same step with the same line: rank 0 says it
+        if d.main:
+            print(f"\n{e}", file=sys.stderr)
         code = 130
     except (ConfigError, DataError, RunDirBusy, CheckpointError) as e:  # found once work began: no traceback
         if d.main:

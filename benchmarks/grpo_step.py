@@ -1,6 +1,6 @@
 """One whole GRPO step (sample G completions per prompt, score, update) with our trainer vs TRL's GRPOTrainer.
 
-"ratio" = our median step seconds / TRL's median step seconds (< 1: ours is faster; target <= 0.5). Both sides
+"ratio" = our median step seconds / TRL's median step seconds (< 1: ours is faster; target <= 0.4). Both sides
 train a deep copy of the same seeded tiny Qwen3 on the same P prompts, G completions each, max_new_tokens,
 temperature 1, beta = 0 (no reference model), one optimizer update per batch (on-policy: one mini-batch, one
 epoch, no old-log-prob pass), AdamW at the same lr, constant schedule, grad clip 1, float32, no gradient
@@ -17,7 +17,9 @@ both sides decode the same plain words; two length regimes:
 Steps alternate (TRL step i, then our step i) so load drift on a shared machine hits both alike; the first
 --warmup steps of each are dropped. Phases: sample = generation (TRL: _generate_and_score_completions minus
 its reward call), score = decode + reward (TRL: _calculate_rewards), update = the rest (advantages, batch,
-forward/backward, clip, optimizer step; ours also builds the step's metrics).
+forward/backward, clip, optimizer step; ours also builds the step's metrics). "pad_share": padding tokens / all
+tokens in the update's forwards (ours packs its micro-batches, grpo.pack; --no-pack pads them as before),
+"trl_pad_share" the same for TRL, which pads the batch to its longest prompt and completion.
 
     python benchmarks/grpo_step.py                  # P x G = 8 x 8, <= 256 new tokens, hidden 256, 4 layers
     python benchmarks/grpo_step.py --lengths fixed  # every completion 128 tokens long
@@ -109,6 +111,25 @@ def make_prompts(tok, P: int):
     return texts, ids, [ANSWERS[i % len(ANSWERS)] for i in range(P)]
 
 
+class PadCount:
+    """Tokens in the forwards that build a graph (the update's; sampling and scoring run without one) and how many
+    of them are padding: pad_share = padding / all. Padding is the tokenizer's pad id, which the head bans from
+    sampling, so it never is a real token; both trainers pad with it."""
+
+    def __init__(self, model, pad_id: int):
+        self.pad_id, self.tokens, self.padding = pad_id, 0, 0
+        model.model.embed_tokens.register_forward_pre_hook(self.count)
+
+    def count(self, module, args):
+        if torch.is_grad_enabled():
+            self.tokens += args[0].numel()
+            self.padding += int((args[0] == self.pad_id).sum())
+
+    @property
+    def share(self) -> float:
+        return round(self.padding / max(self.tokens, 1), 4)
+
+
 class Ours:
     """grpo.trainer.grpo_step as train_grpo calls it, with the reward scored in this process."""
 
@@ -117,7 +138,8 @@ class Ours:
             "seed": 0,
             "rollout": {"group_size": a.G, "max_new_tokens": a.max_new, "temperature": 1.0},
             "grpo": {"steps": a.warmup + a.steps, "prompts_per_step": a.P, "mini_batch_prompts": a.P,
-                     "ppo_epochs": 1, "kl_coef": 0.0, "micro_batch_tokens": a.micro_batch_tokens},
+                     "ppo_epochs": 1, "kl_coef": 0.0, "micro_batch_tokens": a.micro_batch_tokens,
+                     "pack": not a.no_pack},
             "optim": {"lr": a.lr, "weight_decay": 0.0, "grad_clip": 1.0, "schedule": "constant"},
             "reward": {"workers": 0},
         })
@@ -221,6 +243,7 @@ def main():
     ap.add_argument("--lengths", choices=["eos", "fixed"], default="eos", help="see the module docstring")
     ap.add_argument("--eos-rate", type=float, default=1 / 32, help="--lengths eos: P(EOS) per token")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096, help="our trainer's micro-batch token budget")
+    ap.add_argument("--no-pack", action="store_true", help="our update padded (grpo.pack false), as before packing")
     a = ap.parse_args()
     a.P, a.G, a.max_new, hidden, layers, steps = (4, 8, 64, 128, 2, 5) if a.quick else (8, 8, 128, 256, 4, 7)
     if a.lengths == "eos":
@@ -240,8 +263,10 @@ def main():
     assert [tok(t)["input_ids"] for t in texts] == prompt_ids, "TRL would tokenize the prompts differently"
 
     ours = Ours(copy.deepcopy(model), tok, tags, prompt_ids, answers, a)
+    ours_pad = PadCount(ours.model, tok.pad_token_id)
     with tempfile.TemporaryDirectory(prefix="grpo_step_bench_") as out_dir:  # TRL wants one; it saves nothing
         trainer, times = build_trl(copy.deepcopy(model), tok, texts, answers, a, ours.step, out_dir)
+        trl_pad = PadCount(trainer.model, tok.pad_token_id)
         # TRL leaves use_cache unset, so generate takes the model's generation_config (build_model's
         # use_cache=False is on model.config and only concerns our training forwards)
         assert trainer.model.generation_config.use_cache, "TRL would generate without a KV cache"
@@ -264,6 +289,7 @@ def main():
         "trl_tokens_per_s": round(a.P * a.G * t["mean_length"] / t["total"], 1),
         "ours_steps_s": [round(r["total"], 4) for r in ours_rows],
         "trl_steps_s": [round(r["total"], 4) for r in trl_rows],
+        "pad_share": ours_pad.share, "trl_pad_share": trl_pad.share, "pack": not a.no_pack,
         "lengths": a.lengths, "eos_rate": a.eos_rate if a.lengths == "eos" else None,
         "micro_batch_tokens": a.micro_batch_tokens, "prompts": a.P, "group_size": a.G, "max_new_tokens": a.max_new,
         "hidden": hidden, "layers": layers,

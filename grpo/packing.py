@@ -13,8 +13,8 @@ token; the structured variant's multiverse positions) and a block-diagonal mask 
 row's own path-window mask), by attention implementation:
 - flash_attention_2 (causal only): one row of every token, no padding at all; flash-attn's varlen kernel gets
   the sequence bounds (cu_seq_lens) and needs no mask.
-- sdpa, eager (CPU), flex_attention: the rows are packed first-fit, longest first, into rows as wide as the
-  longest, a little padding at their ends. A dense mask costs W^2 per packed row whatever it hides, and
+- sdpa, eager (CPU), flex_attention: the rows are packed first-fit, longest first, into rows about as wide as
+  the longest (`dense_width`), a little padding at their ends. A dense mask costs W^2 per packed row whatever it hides, and
   create_block_mask evaluates the mask densely before FlexAttention skips the empty blocks, so one row of
   every token would cost (all tokens)^2 where this costs (all tokens) x (longest row), the padded layout's.
 """
@@ -160,10 +160,20 @@ class Packed:
     real_tokens: int
 
 
+def dense_width(lengths: list[int]) -> int:
+    """The width of the packed rows of a dense-mask layout: of the longest row and widths up to 1/4 above it in
+    steps of 1/32 (a dense mask costs W^2 per packed row: never much wider), the one that packs into the fewest
+    tokens, the narrowest among equals. First-fit leaves the ends of rows empty where no short row is left to
+    fill them; a slightly wider row often takes one more: 1-9% padding becomes 0.2-3% on RL-like lengths."""
+    longest = max(lengths)
+    widths = range(longest, longest + longest // 4 + 1, max(1, longest // 32))
+    return min(widths, key=lambda w: (len(pack_bins(lengths, w)) * w, w))
+
+
 def _places(lengths: torch.Tensor, one_row: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Where each of B rows of `lengths` (B,) goes: its packed row and first column (B,) each, the packed rows'
-    width W and their number B'. One row of everything, or first-fit rows as wide as the longest."""
-    bins = pack_bins(lengths.tolist(), None if one_row else int(lengths.max()))
+    width W and their number B'. One row of everything, or first-fit rows of `dense_width`."""
+    bins = pack_bins(lengths.tolist(), None if one_row else dense_width(lengths.tolist()))
     row_of, offset = torch.empty(len(lengths), dtype=torch.long), torch.empty(len(lengths), dtype=torch.long)
     for k, members in enumerate(bins):
         row_of[members] = k

@@ -1,13 +1,19 @@
 """The CPU demo (configs/demo.yaml): `python run.py --quick` runs all three stages through the real stage
-code and writes the table, summary.json and the plots. The full run (10 minutes, twice) is marked slow."""
+code and writes the table, summary.json and the plots. The full run (10 minutes, twice) is marked slow, and so
+are the quick demo on two nodes (torchrun --nnodes 2 on one machine) and Ctrl-C under torchrun."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from curriculum.config import load_config, pipeline_stages
+
+from .dist_worker import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ("accuracy", "accuracy_easy", "accuracy_hard", "parallel_ratio", "format_validity", "path_agreement",
@@ -84,3 +90,82 @@ def test_full_demo_learns_and_reproduces(tmp_path):
     _, second = run_demo(tmp_path, timeout=1800)
     for stage in ("stage0", "stage1", "stage2"):
         assert {k: second[stage][k] for k in FIGURES} == {k: first[stage][k] for k in FIGURES}
+
+
+# --- under torchrun: two nodes, and Ctrl-C ----------------------------------------------------------------
+
+def launch(args: list, log, env_threads: str = "1") -> subprocess.Popen:
+    """`python -m torch.distributed.run ARGS` in its own process group (a terminal's foreground job), output to
+    the open file `log`."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS=env_threads))
+
+
+def wait_all(procs: list, timeout: float) -> list:
+    """Exit codes of `procs`; a launch still running after `timeout` s (a hang) is killed and fails the test."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError(f"torchrun still running after {timeout} s")
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_on_two_nodes(tmp_path):
+    """torchrun --nnodes 2 on one machine (the README's multi-node command): two launchers of one rank each meet
+    at a c10d rendezvous on localhost, as two GPU nodes meet at the first one's address, share the run directory
+    and run the quick demo to the end; the table is that of two ranks under one launcher, said once."""
+    port = free_port()
+    nodes = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+             f"localhost:{port}", "--rdzv_id", "two-nodes"]
+    demo = [os.path.join(ROOT, "run.py"), "--quick", "--set"]
+    logs = [open(tmp_path / f"node{k}.txt", "w") for k in range(2)]
+    with logs[0], logs[1]:
+        codes = wait_all([launch(nodes + demo + [f"run_dir={tmp_path / 'nodes'}"], log) for log in logs], 600)
+    out = [(tmp_path / f"node{k}.txt").read_text() for k in range(2)]
+    assert codes == [0, 0], out[0][-3000:] + out[1][-3000:]
+    assert sum("| stage2 |" in text for text in out) == 1  # the node that got rank 0 speaks
+    with open(tmp_path / "one.txt", "w") as log:
+        one = [f"--nproc_per_node", "2", "--master_port", str(free_port())]
+        assert wait_all([launch(one + demo + [f"run_dir={tmp_path / 'one'}"], log)], 600) == [0]
+    two_nodes, one_node = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("nodes", "one"))
+    for stage in ("stage0", "stage1", "stage2"):
+        assert {k: two_nodes[stage][k] for k in FIGURES} == {k: one_node[stage][k] for k in FIGURES}
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_keeps_the_step_and_torchrun_exits_1(tmp_path):
+    """What a torchrun user sees after Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it)
+    in a GRPO stage: one line from rank 0 naming the checkpoint kept; then torchrun's own report of the signal,
+    a traceback ending in SignalException, and exit code 1 (torchrun re-raises any signal it is sent, whatever
+    its workers return; each rank exited 130). The same command resumes there and runs to the end."""
+    run_dir = tmp_path / "demo"
+    demo = [os.path.join(ROOT, "run.py"), "--quick", "--set", f"run_dir={run_dir}", "--set", "grpo.steps=6"]
+    metrics = run_dir / "stage1" / "metrics.jsonl"
+    with open(tmp_path / "cut.txt", "w") as log:
+        proc = launch(["--nproc_per_node", "2", "--master_port", str(free_port())] + demo, log)
+        while not (metrics.exists() and metrics.stat().st_size):  # stage 1 finished a step: 5 steps to go
+            assert proc.poll() is None, (tmp_path / "cut.txt").read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = wait_all([proc], 300)[0]
+    out = (tmp_path / "cut.txt").read_text()
+    assert code == 1, out[-3000:]
+    assert "Received 2 death signal, shutting down workers" in out and "SignalException" in out
+    stops = [line for line in out.splitlines() if line.startswith("stopped ")]
+    assert len(stops) == 1 and f"{run_dir / 'stage1' / 'checkpoints'}" in stops[0], stops
+    # "stopped while sampling step N + 1, which was dropped; checkpoint of step N in ..." or, when the signal came
+    # during scoring or the update, "stopped at step N; checkpoint saved in ...": step N is kept either way
+    found = re.search(r"checkpoint of step (\d+)|stopped at step (\d+)", stops[0])
+    step = int(found.group(1) or found.group(2))
+    kept = sorted(os.listdir(run_dir / "stage1" / "checkpoints"))
+    assert kept == [f"step-{step}"] and 1 <= step < 6
+    with open(tmp_path / "again.txt", "w") as log:
+        codes = wait_all([launch(["--nproc_per_node", "2", "--master_port", str(free_port())] + demo, log)], 600)
+    again = (tmp_path / "again.txt").read_text()
+    assert codes == [0], again[-3000:]
+    assert f"stage1: resumed from {run_dir / 'stage1' / 'checkpoints' / kept[0]}" in again
+    assert "| stage2 |" in again

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo.batching import pack_rows
-from grpo.packing import pack, pack_bins, plan_micro_batches, response_view, rows_of
+from grpo.packing import dense_width, pack, pack_bins, plan_micro_batches, response_view, rows_of
 from model import apply_structured_attention, build_model, build_structure_batch
 
 from .conftest import TINY
@@ -37,6 +37,15 @@ def test_plan_balances_each_slot():
 def test_pack_bins_first_fit_longest_first():
     assert pack_bins([5, 3, 4, 2], width=5) == [[0], [2], [1, 3]]
     assert pack_bins([5, 3, 4, 2], width=None) == [[0, 1, 2, 3]]
+
+
+def test_dense_width_takes_the_tightest_of_a_few_widths():
+    # widths 40..50: three packed rows at every one (two 30s need 60), so 40 itself: 120 tokens
+    assert dense_width([40, 30, 30]) == 40
+    # widths 64, 66, .., 80: [64], [40, 16], [40] = 3 x 64 = 192 tokens up to 78; at 80 the two 40s share a row:
+    # [64, 16], [40, 40] = 2 x 80 = 160, the fewest
+    assert dense_width([64, 40, 40, 16]) == 80
+    assert dense_width([7]) == 7
 
 
 def rows_batch(pad_id=0):
