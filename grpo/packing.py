@@ -1,12 +1,12 @@
 """Padding-free micro-batches for the update and the old/ref log-probs (grpo.pack, the default).
 
 Where rows live: each rank samples, scores and computes the advantages of its own whole groups (trainer.py). The
-loops here then all-gather the rows of one call (their real tokens only: ids, loss mask, log-probs, a few bytes
-a token), plan the same micro-batches on every rank from the rows' lengths (`plan_micro_batches`: each slot
-split evenly over the ranks by tokens) and run this rank's share. Moving a row to another rank changes nothing
-in the result: its advantage is already computed, and every loss normalisation counts the whole update on all
-ranks (grpo/loss.py aggregate), so its gradient is the same wherever it is computed; log-probs go back to the
-row's own rank.
+loops here then all-gather the rows of one call (real tokens only: ids, loss mask, log-probs, 3 to 5 float64
+numbers a token), plan the same micro-batches on every rank from the rows' lengths (`plan_micro_batches`: each
+slot split evenly over the ranks by tokens) and run this rank's share. Moving a row to another rank changes
+nothing in the result: its advantage is already computed, and every loss normalisation counts the whole update
+on all ranks (grpo/loss.py aggregate), so its gradient is the same wherever it is computed; log-probs go back
+to the row's own rank.
 
 A packed micro-batch is its rows' tokens back to back, each row with its own position ids (0.. at its first
 token; the structured variant's multiverse positions) and a block-diagonal mask (structured: each block that
@@ -14,9 +14,10 @@ row's own path-window mask), by attention implementation:
 - flash_attention_2 (causal only): one row of every token, no padding at all; flash-attn's varlen kernel gets
   the sequence bounds (cu_seq_lens) and needs no mask.
 - sdpa, eager (CPU), flex_attention: the rows are packed first-fit, longest first, into rows about as wide as
-  the longest (`dense_width`), a little padding at their ends. A dense mask costs W^2 per packed row whatever it hides, and
-  create_block_mask evaluates the mask densely before FlexAttention skips the empty blocks, so one row of
-  every token would cost (all tokens)^2 where this costs (all tokens) x (longest row), the padded layout's.
+  the longest (`dense_width`), a little padding at their ends. A dense mask costs W^2 per packed row whatever
+  it hides, and create_block_mask evaluates the mask densely before FlexAttention skips the empty blocks, so
+  one row of every token would cost (all tokens)^2 where this costs (all tokens) x (longest row), as the
+  padded layout did.
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def plan_micro_batches(lengths: list[int], world: int, budget: int) -> list[list
     """slots[k][r]: the rows (indices into `lengths`, tokens per row) that rank r runs as its k-th micro-batch.
 
     Longest rows first, each into the first slot whose least-loaded rank can take it within `budget` tokens, to
-    that rank (a row longer than the budget runs alone in a new slot). So every rank runs the same number of
+    that rank (a row longer than the budget runs alone on its rank). So every rank runs the same number of
     micro-batches (FSDP's collectives pair them up), the ranks' shares of a slot differ by about a row, the
     longest rows land on different ranks, and rows of similar length share a slot. A rank left without a row
     in a slot (fewer rows than ranks) gets [] there: the caller runs a stand-in at weight 0.
@@ -181,11 +182,19 @@ def _places(lengths: torch.Tensor, one_row: bool) -> tuple[torch.Tensor, torch.T
     return row_of, offset, max(int(lengths[b].sum()) for b in bins), len(bins)
 
 
-def _row_structure(ids: torch.Tensor, prompt_len: torch.Tensor, lengths: torch.Tensor, tags) -> BatchStructure:
-    """Each row's own structure, as the padded path builds it (tags in its prompt stay text): ids (B, L) of rows
-    left-aligned, prompt_len and lengths (B,)."""
-    real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # (B, L)
-    return build_structure_batch(ids, tags, real.long(), response_start=prompt_len)
+def _token_structure(tokens: torch.Tensor, prompt_len: torch.Tensor, lengths: torch.Tensor, tags):
+    """(position, block, path) ids (S_mb,) each and malformed (B,) of B rows laid end to end in `tokens` (S_mb,):
+    each row's own structure as the padded path builds it (tags in its prompt stay text); causal (tags None):
+    positions from 0 at each row's first token, as the sampler counts, and no block."""
+    owner, within = ragged(lengths)  # (S_mb,) each
+    none = torch.full_like(within, -1)
+    if tags is None:
+        return within, none, none, torch.zeros(len(lengths), dtype=torch.bool)
+    aligned = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)  # (B, L) rows left-aligned
+    aligned[owner, within] = tokens
+    real = torch.arange(aligned.shape[1])[None, :] < lengths[:, None]  # (B, L)
+    s = build_structure_batch(aligned, tags, real.long(), response_start=prompt_len)
+    return s.position_ids[owner, within], s.block_ids[owner, within], s.path_ids[owner, within], s.malformed
 
 
 def pack(rows: Rows, mb: list[int], attn: str, tags=None, pad_id: int = 0, device=None,
@@ -193,7 +202,7 @@ def pack(rows: Rows, mb: list[int], attn: str, tags=None, pad_id: int = 0, devic
     """Pack rows `mb` of `rows` for a model with attention implementation `attn` (structured when `tags`); the
     mask (eager: of `dtype`) or the varlen bounds with it."""
     p, r = rows.prompt_len[mb], rows.response_len[mb]  # (B,)
-    lengths, B = p + r, len(mb)
+    lengths = p + r
     assert int(p.min()) >= 1, "every row starts with a prompt token (the first token has no prediction)"
     if attn in VARLEN and tags is not None:
         raise ValueError(f"structured attention needs sdpa (CPU) or flex_attention (CUDA), not {attn}")
@@ -209,14 +218,7 @@ def pack(rows: Rows, mb: list[int], attn: str, tags=None, pad_id: int = 0, devic
         return out.view(shape).to(device)
 
     ids = packed(tokens, pad_id)
-    block, path, malformed = torch.full_like(within, -1), torch.full_like(within, -1), torch.zeros(B, dtype=torch.bool)
-    pos = within  # (S_mb,) causal: 0 at each row's first token, as the sampler counts
-    if tags is not None:
-        aligned = torch.zeros(B, int(lengths.max()), dtype=torch.long)  # (B, L)
-        aligned[owner, within] = tokens
-        st = _row_structure(aligned, p, lengths, tags)
-        pos, block, path = (t[owner, within] for t in (st.position_ids, st.block_ids, st.path_ids))  # (S_mb,)
-        malformed = st.malformed
+    pos, block, path, malformed = _token_structure(tokens, p, lengths, tags)  # (S_mb,) x 3, (B,)
     positions = packed(pos, 0)
     resp, j = ragged(r)  # (M,) each: which row, which of its response tokens
     scored = row_of[resp] * width + offset[resp] + p[resp] + j  # (M,) flat packed index
