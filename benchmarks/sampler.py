@@ -3,7 +3,7 @@
 "ratio" = our useful tokens/s / generate's (> 1: ours is faster). Useful tokens are response tokens up to and
 including EOS. Both sample the same prompts x n from the same tiny Qwen3 (random init, EOS-biased head so response
 lengths spread from a few tokens to the limit).
-At a stage-2-like limit (max_new_tokens 4x the throughput runs', far above most responses), under KV budgets
+At a stage-2-like limit (max_new_tokens 4x the throughput runs', 2x in --quick, far above most responses), under budgets
 (bytes) worth R rows of prompt + max_new_tokens slots, what the static-row engine this one replaced could hold:
 - "rows_in_flight_ratio": mean samples in flight per decode step, ours / the static engine's (continuous batching
   in R = N/32 rows, as ours with max_rows R), same budget, same prompts x n (target >= 3);
@@ -274,15 +274,16 @@ def main():
     ours_tps = sum(t for _, t in ours) / sum(s for s, _ in ours)
     gen_tps = sum(t for _, t in theirs) / sum(s for s, _ in theirs)
     # a stage-2-like limit: most responses far below max_new_tokens (the static engine sized every row for it)
-    budget = budget_figures(model, tags, pad, prompts, n, 4 * max_new, eos, repeats=repeats)
-    figures = {**budget, **rows_in_flight(model, pad, prompts, n, 4 * max_new, eos), **prompt_kv_ratio(model, pad), **block_figures(model, tok, tags, 16 if args.quick else 48),
+    long_new = (2 if args.quick else 4) * max_new
+    budget = budget_figures(model, tags, pad, prompts, n, long_new, eos, repeats=repeats)
+    figures = {**budget, **rows_in_flight(model, pad, prompts, n, long_new, eos), **prompt_kv_ratio(model, pad), **block_figures(model, tok, tags, 16 if args.quick else 48),
                **host_figures(steps=8 if args.quick else 24)}
     if not args.quick:
         figures.update(decode_vs_bandwidth())
     print(f"ours {ours_tps:.0f} tok/s, generate {gen_tps:.0f} tok/s; {figures}")
     print(json.dumps({**figures, "ratio": round(ours_tps / gen_tps, 3), "ours_tokens_per_s": round(ours_tps, 1),
                       "generate_tokens_per_s": round(gen_tps, 1), "prompts": P, "n": n, "max_new_tokens": max_new,
-                      "budget_max_new_tokens": 4 * max_new,
+                      "budget_max_new_tokens": long_new,
                       "mean_useful_tokens": statistics.mean(t for _, t in ours) / (P * n),
                       "threads": torch.get_num_threads()}))
 

@@ -178,8 +178,8 @@ def clip_flags(loss_fn, logp: torch.Tensor, advantages: torch.Tensor, ratio: tor
     side of 1 the ratio is on: high (ratio > 1), low (ratio < 1), dual (ratio > 1 and A < 0 under PPO's dual
     clip, `dual`, reported apart from high). logp: (B, T) finite; advantages: (B,) or (B, T). Returns 0/1
     float tensors (B, T)."""
-    adv = _per_token(advantages).detach()
-    ratio = ratio.detach()
+    adv = _per_token(advantages).detach().to(logp.dtype)  # float64 side tensors compare in the log-probs' dtype
+    ratio = ratio.detach().to(logp.dtype)
     with torch.enable_grad():
         x = logp.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_fn(x).sum(), x)
