@@ -86,16 +86,22 @@ ADVERSARIAL = [
 
 def test_long_adversarial_inputs_stay_fast_outside_the_checker():
     # Everything that runs in the caller's process (not in the killable checker) must be close
-    # to linear in the response length: a 100k-character response takes well under a second.
+    # to linear in the response length. Quiet, each of these 50k-320k character responses takes
+    # under 0.05 s; a quadratic pass over them would take minutes. The best of three runs under a
+    # 2 s limit keeps a busy machine (or a collector pause) from deciding the test.
     from rewards.math import _canonical_text, _plain_number
-    for text in ADVERSARIAL:
+
+    def run(text):
         start = time.perf_counter()
         answer = extract_answer(text)
         parallel_stats(text)
         if answer is not None:
             _canonical_text(answer)
             _plain_number(answer)
-        assert time.perf_counter() - start < 0.5, text[:40]
+        return time.perf_counter() - start
+
+    for text in ADVERSARIAL:
+        assert min(run(text) for _ in range(3)) < 2.0, text[:40]
 
 
 def test_long_adversarial_rewards_stay_within_the_time_limit():
