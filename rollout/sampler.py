@@ -222,8 +222,10 @@ class Sampler:
                 if should_stop is not None and should_stop():
                     raise SamplingAborted("sampling abandoned (a stop was requested)")
                 groups = run.schedule(self.prefill_rows)
+                pool.clear(pages.touched)  # before a page's first write (the prompt's) and any read of it
                 first = self.prefill(groups, pool, pages) if groups else None  # (G, V)
                 fed = run.decode_rows()  # [(row, slot)], oldest sample first
+                pool.clear(pages.touched)
                 decoder.write_tables(run.table_writes)
                 run.table_writes = []
                 if not fed and not groups:

@@ -150,6 +150,36 @@ def test_samples_do_not_depend_on_budget_page_size_or_decode_mode(tok, tags, str
     same_samples(sampler(m, tok, tags).generate(prompts, **kw), full)
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_pool_memory_is_cleared_as_pages_are_first_used(tok, tags, structured, monkeypatch):
+    """The pool is allocated uninitialised: memory full of NaN (the worst it can hold) changes no token and no
+    log-prob, in a roomy pool and in a dry one that reuses preempted pages; only the pages ever handed out are
+    cleared, not the whole budget."""
+    m = spread_model(tok, tags, structured, torch.float64)
+    prompts = prompts_of(tok, *PROMPTS)
+    kw = dict(n=6, max_new_tokens=40, stop_ids=[tok.eos_token_id], structured=structured, seed=3)
+    reference = sampler(m, tok, tags).generate(prompts, **kw)
+    pools = []
+
+    def nan_pool(shape, dtype, device):
+        pools.append(torch.full(shape, float("nan"), dtype=dtype, device=device))
+        return pools[-1]
+
+    monkeypatch.setattr(cache_mod, "uninitialized", nan_pool)
+    roomy = sampler(m, tok, tags).generate(prompts, **kw)
+    same_samples(roomy, reference)
+    assert torch.equal(roomy.logprobs, reference.logprobs)
+    nan_pages = pools[0].isnan().flatten(1).all(1)  # layer 0's K: pages never handed out stay as allocated
+    cleared = int((~nan_pages).sum()) - 1  # the scratch page is cleared at once
+    assert roomy.stats["peak_pages"] <= cleared < roomy.stats["pages"], (cleared, roomy.stats["pages"])
+    width = sample_pages(max(map(len, prompts)), 40, 16, 4 if structured else 0)
+    dry = sampler(m, tok, tags, max_rows=8, kv_cache_gb=page_budget_gb(m, 2 * width, rows=8, width=width,
+                                                                        dtype_bytes=8)).generate(prompts, **kw)
+    assert dry.stats["preempted"] > 0
+    same_samples(dry, reference)
+    assert torch.equal(dry.logprobs, reference.logprobs)
+
+
 def test_tag_soup_under_a_dry_pool(tok, tags):
     """Structured tag soup (blocks open and cut, paths forced closed, malformed tags) in a pool so small that it
     preempts: the sampler's log-probs and positions still equal the trainer's forward over the final sequences."""
