@@ -16,7 +16,8 @@ the other (< 1); "block_longest_ratio" = steps it stays open / its longest path'
 "host_ms_per_step": one decode step of a 36-layer, hidden-64 Qwen3 (compute nil: the time is host work, what a GPU
 would wait on) at 64 rows, beside the same model's bare forward of 64 tokens on transformers' StaticCache and our
 step's forward alone; a CUDA graph replays the forward's kernels without that host work.
-Full run only: decode-step seconds of a Qwen3-0.6B-shaped model at 1, 8 and 32 rows / the weight-streaming bound.
+Full run only: decode-step seconds of a Qwen3-0.6B-shaped model at 1, 8 and 32 rows / the weight-streaming bound
+and / the same model's bare forward of as many rows (at 32 rows the CPU is compute-bound, not bandwidth-bound).
 
     python benchmarks/sampler.py [--quick]
 """
@@ -235,7 +236,8 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
 
 
 def decode_vs_bandwidth(rows_list=(1, 8, 32), steps: int = 6) -> dict:
-    """Seconds per decode step of a 0.6B-shaped Qwen3 at each row count / parameter bytes over bandwidth."""
+    """Seconds per decode step of a 0.6B-shaped Qwen3 at each row count / parameter bytes over bandwidth, and /
+    the same model's bare forward of one token per row (no cache, no sampling): what the engine adds to it."""
     model = build_model(QWEN3_06B, seed=0).eval()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bound = param_bytes / copy_bandwidth()
@@ -246,8 +248,15 @@ def decode_vs_bandwidth(rows_list=(1, 8, 32), steps: int = 6) -> dict:
         t0 = time.perf_counter()
         r = sampler.generate([[1, 2, 3, 4]], n=rows, max_new_tokens=steps + 1, seed=0)  # no stop id: all run `steps`
         per_step = (time.perf_counter() - t0) / r.stats["steps"]
+        ids = torch.zeros(rows, 1, dtype=torch.long)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        bare = (time.perf_counter() - t0) / steps
         out[f"decode_step_s_rows{rows}"] = round(per_step, 4)
         out[f"decode_vs_bound_rows{rows}"] = round(per_step / bound, 2)
+        out[f"decode_vs_bare_forward_rows{rows}"] = round(per_step / bare, 2)
     return out
 
 
