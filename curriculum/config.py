@@ -206,7 +206,9 @@ class EvalConfig:
     limit: int | None = ranged(None, ge=1)  # problems per benchmark (debugging)
     samples: int | None = ranged(None, ge=1)  # responses per problem for every benchmark, overriding theirs
     batch_prompts: int = ranged(32, ge=1)  # prompts per sampler call (and per resumable record batch); memory: rollout.kv_cache_gb
-    every: int = ranged(0, ge=0)  # stages: held-out evaluation every N steps (0 = at the end only)
+    # stages: held-out evaluation of eval.benchmarks every N steps and at the last (eval/<set>/<metric> in
+    # metrics.jsonl; the last is the end-of-stage one); 0 = at the end only
+    every: int = ranged(0, ge=0)
 
 
 @dataclass
@@ -216,6 +218,10 @@ class CheckpointConfig:
     # auto = the latest complete one in run_dir/checkpoints; never = start over (an earlier attempt in run_dir
     # is moved aside); or a checkpoint directory (a deliberate fork: its config may differ from this one)
     resume: str = "auto"
+    # eval/<set>/<metric> (set: a benchmark of eval.benchmarks or overall; needs eval.every > 0): the checkpoint
+    # of the best evaluation is kept beside the last `keep` and exported as <run_dir>/best; null = off
+    keep_best: str | None = None
+    best_mode: Literal["max", "min"] = "max"  # whether keep_best's metric is better higher (max) or lower (min)
 
 
 @dataclass
@@ -225,6 +231,9 @@ class ReportConfig:
     # local store); each is an extra: pip install 'parallel-r1[wandb]'. A name alone is a list of one.
     to: list | str = field(default_factory=list)
     project: str = "parallel-r1"  # the wandb / trackio project; a run is named after the stage's run_dir
+    # GRPO: every sample of every N-th step (0, N, 2N, ...) to <run_dir>/rollouts/step-<N>.jsonl.gz, and a few
+    # rows as a table to the trackers; 0 = off
+    rollouts_every: int = ranged(0, ge=0)
 
 
 @dataclass

@@ -60,9 +60,12 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
                      num_paths=2,
                      max_parallel_blocks=4, max_path_tokens=None, prefill_rows=64, max_rows=256, page_size=16,
                      cuda_graphs="auto", out_dir=None, timeout=10.0,
-                     workers=2, restart_if_changed=False, progress=True) -> list[dict]:
+                     workers=2, restart_if_changed=False, progress=True, rank=0, world=1) -> list[dict]:
     """The scored records (report.make_record) of every sample `evaluate` reports on, finished ones read
-    back from out_dir/samples.jsonl and the rest sampled now (see `evaluate` for the arguments)."""
+    back from out_dir/samples.jsonl and the rest sampled now (see `evaluate` for the arguments). With `world`
+    > 1, this rank's records only: each batch's prompts are split in `world` contiguous slices, slice `rank`
+    sampled here as the whole batch would sample it (Sampler.generate's first_index), so the records of all
+    ranks together are those of one process."""
     if "overall" in benchmarks:
         raise ValueError("a benchmark may not be named 'overall' (the pooled entry of the results)")
     ks, temps = _per_benchmark(samples, benchmarks, "samples"), _per_benchmark(temperature, benchmarks, "temperature")
@@ -79,7 +82,9 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
                           max_path_tokens=max_path_tokens, prefill_rows=prefill_rows, kv_cache_gb=kv_cache_gb,
                           kv_cache_fraction=kv_cache_fraction, max_rows=max_rows, page_size=page_size,
                           cuda_graphs=cuda_graphs)
-        left = sum(len(exs) for exs in benchmarks.values()) - len(finished)
+        sizes = [sum((name, i) not in finished for i in range(start, min(start + batch_prompts, len(exs))))
+                 for name, exs in benchmarks.items() for start in range(0, len(exs), batch_prompts)]
+        left = sum(m * (rank + 1) // world - m * rank // world for m in sizes)  # this rank's problems
         with RewardPool(workers=workers, timeout=timeout) as pool, \
                 tqdm(total=left, desc="eval", unit="problem", disable=not progress) as bar:
             score = _scorer(pool, RewardFn.from_section(RewardConfig(timeout=timeout), mode="accuracy"))
@@ -87,23 +92,26 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
                 bar.set_description(f"eval {name}")
                 for b, start in enumerate(range(0, len(examples), batch_prompts)):
                     todo = [i for i in range(start, min(start + batch_prompts, len(examples))) if (name, i) not in finished]
-                    if todo:
-                        batch = _sample_batch(sampler, score, tokenizer, name, examples, todo, ks[name], temps[name],
-                                              _batch_seed(seed, name, b), settings)
+                    lo, hi = len(todo) * rank // world, len(todo) * (rank + 1) // world  # this rank's slice
+                    if hi > lo:
+                        batch = _sample_batch(sampler, score, tokenizer, name, examples, todo[lo:hi], ks[name],
+                                              temps[name], _batch_seed(seed, name, b), settings, lo * ks[name])
                         if out_dir is not None:
                             report.append_records(os.path.join(out_dir, "samples.jsonl"), batch)
                         records += batch
-                        bar.update(len(todo))
+                        bar.update(hi - lo)
     return records
 
 
-def _sample_batch(sampler, score, tokenizer, name, examples, todo, k, temperature, seed, s) -> list[dict]:
-    """Sample k responses for each problem index in `todo` in one sampler call, score them, make records."""
+def _sample_batch(sampler, score, tokenizer, name, examples, todo, k, temperature, seed, s,
+                  first_index: int = 0) -> list[dict]:
+    """Sample k responses for each problem index in `todo` in one sampler call (its first sample the
+    `first_index`-th of the batch it belongs to), score them, make records."""
     prompts = [encode_prompt(tokenizer, format_prompt(examples[i].question, s["prompt_style"], s["instruction"]),
                              s["template"], s["max_prompt_tokens"])[0] for i in todo]
     rollout = sampler.generate(prompts, n=k, max_new_tokens=s["max_new_tokens"], temperature=temperature,
                                top_p=s["top_p"], top_k=s["top_k"], stop_ids=stop_ids(tokenizer),
-                               structured=s["structured"], seed=seed)
+                               structured=s["structured"], seed=seed, first_index=first_index)
     texts = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)  # rows are group-contiguous: row j is problem todo[j // k]
     golds = [examples[i].answer for i in todo for _ in range(k)]
     verdicts = score(texts, golds)
@@ -241,36 +249,59 @@ def evaluate_ref(ref: ModelRef, cfg, benchmarks: dict, out_dir: str, progress: b
             torch.cuda.empty_cache()
 
 
-def stage_figures(model, tokenizer, tags, heldout: dict, cfg, d) -> dict:
-    """A stage's held-out figures for its summary.json (flat): accuracy (the Avg. of mean@k), accuracy_<name>,
-    parallel_ratio, format_validity, path_agreement, mean_length, blocks_per_response, first_block_position.
-    One process: files (resumable) in <run_dir>/heldout. Under FSDP each rank samples every world-th problem
-    with the full weights gathered once, and the records are pooled."""
+def heldout_result(model, tokenizer, tags, heldout: dict, cfg, d, out_dir: str | None = None) -> dict:
+    """The held-out evaluation of a stage (report.summarize's result), the same figures on any number of ranks:
+    under FSDP each rank samples its slice of every batch (sample_and_score's rank/world) with the full weights
+    gathered once, and the records are pooled. `out_dir` (rank 0 writes; one process also resumes from it):
+    samples, results and plots. A collective: every rank calls it."""
     kw = config_kwargs(cfg, heldout)
     if d.world == 1:
-        result = evaluate(model, tokenizer, tags, heldout, out_dir=os.path.join(cfg.run_dir, "heldout"),
-                          label=cfg.name, restart_if_changed=True, **kw)
-    else:
-        import torch.distributed as dist
-        from grpo.fsdp import gathered_for_sampling
+        return evaluate(model, tokenizer, tags, heldout, out_dir=out_dir, label=cfg.name, restart_if_changed=True,
+                        progress=d.main, **kw)
+    from grpo.fsdp import all_gather_objects, gathered_for_sampling
 
-        share = {n: exs[d.rank::d.world] for n, exs in heldout.items()}
-        with gathered_for_sampling(model):
-            kw["seed"] += d.rank  # other draws on every rank
-            mine = sample_and_score(model, tokenizer, tags, share, progress=d.main, **kw)
-        for r in mine:
-            r["problem_index"] = r["problem_index"] * d.world + d.rank  # back to the index in the full list
-        gathered = [None] * d.world
-        dist.all_gather_object(gathered, mine)
-        result = report.summarize([r for part in gathered for r in part], order=list(heldout))
-        if d.main:
-            report.write_results(os.path.join(cfg.run_dir, "heldout"), cfg.name, result)
+    with gathered_for_sampling(model):
+        mine = sample_and_score(model, tokenizer, tags, heldout, progress=d.main, rank=d.rank, world=d.world, **kw)
+    result = report.summarize([r for part in all_gather_objects(mine, d) for r in part], order=list(heldout))
+    if d.main and out_dir is not None:
+        report.write_results(out_dir, cfg.name, result)
+    return result
+
+
+class StepEvaluation:
+    """The held-out evaluation a stage's training loop runs every eval.every steps (its `evaluate_fn`):
+    heldout_result on the live model, logged as step_figures. The last step's is the end-of-stage evaluation:
+    written to <run_dir>/heldout and kept in `result`, so the stage's end does not run it again."""
+
+    def __init__(self, tokenizer, tags, heldout: dict, cfg, d):
+        self.args, self.cfg, self.d = (tokenizer, tags, heldout), cfg, d
+        self.result: dict | None = None
+
+    def __call__(self, model, last: bool) -> dict:
+        out_dir = os.path.join(self.cfg.run_dir, "heldout") if last else None
+        result = heldout_result(model, *self.args, self.cfg, self.d, out_dir)
+        if last:
+            self.result = result
+        return step_figures(result)
+
+
+def stage_figures(result: dict, heldout: dict) -> dict:
+    """A stage's held-out figures for its summary.json (flat), from heldout_result's `result`: accuracy (the
+    Avg. of mean@k), accuracy_<name>, parallel_ratio, format_validity, path_agreement, mean_length,
+    blocks_per_response, first_block_position."""
     overall = result.get("overall", {})
     out = {k: overall.get(k) for k in ("parallel_ratio", "format_validity", "path_agreement", "mean_length",
                                        "blocks_per_response", "first_block_position")}
     out["accuracy"] = overall.get("mean_at_k")
     out.update({f"accuracy_{n}": result[n]["mean_at_k"] for n in heldout if n in result})
     return out
+
+
+def step_figures(result: dict) -> dict:
+    """The figures a training step logs of heldout_result's `result`: eval/<set>/<metric> for every benchmark
+    and "overall" (report.STEP_METRICS; overall has no pass@k)."""
+    return {f"eval/{name}/{key}": figures[key] for name, figures in result.items() for key in report.STEP_METRICS
+            if key in figures}
 
 
 # --- the command line -----------------------------------------------------------------------------------

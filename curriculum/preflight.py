@@ -14,6 +14,7 @@ from rewards import RewardFunc, RewardFuncError, check_reward_func
 
 from .config import Config, ConfigError, benchmark_path, benchmark_specs, pipeline_stages, read_yaml
 from .data import FIELDS, DataError, Patterns, check_file, compile_pattern
+from .report import STEP_METRICS
 from .synthetic import DIFFICULTIES, MIXES
 
 PEEK_ROWS = 100  # data rows read at config time; the whole file is read when its stage starts
@@ -84,6 +85,29 @@ def check_rules(cfg: Config, world: int) -> None:
     for name, spec in benchmark_specs(cfg).items():
         if spec.synthetic is not None:
             check_synthetic(spec.synthetic, f"eval.benchmarks.{name}.synthetic")
+    check_eval_keys(cfg)
+
+
+def check_eval_keys(cfg: Config) -> None:
+    """eval.every needs benchmarks to evaluate; checkpoint.keep_best names eval/<set>/<metric> of a benchmark the
+    stage evaluates (or overall) and a metric a step logs (report.STEP_METRICS), and needs eval.every > 0."""
+    if cfg.kind == "pipeline":
+        return
+    names = list(cfg.eval.benchmarks)
+    if cfg.eval.every and not names:
+        raise ConfigError(f"eval.every={cfg.eval.every} but eval.benchmarks is empty: list the held-out sets to "
+                          "evaluate, or set eval.every: 0")
+    key = cfg.checkpoint.keep_best
+    if key is None:
+        return
+    parts = key.split("/")
+    metrics = [m for m in STEP_METRICS if not (len(parts) == 3 and parts[1] == "overall" and m == "pass_at_k")]
+    if len(parts) != 3 or parts[0] != "eval" or parts[1] not in names + ["overall"] or parts[2] not in metrics:
+        raise ConfigError(f"checkpoint.keep_best={key!r}: give eval/<set>/<metric> with <set> one of "
+                          f"{names + ['overall']} (eval.benchmarks) and <metric> one of {list(STEP_METRICS)} "
+                          "(overall has no pass_at_k), e.g. eval/" + (names[0] if names else "<set>") + "/mean_at_k")
+    if not cfg.eval.every:
+        raise ConfigError(f"checkpoint.keep_best={key!r} needs evaluations during the stage: set eval.every > 0")
 
 
 def check_prompt_keys(cfg: Config) -> None:

@@ -16,6 +16,8 @@ from collections import defaultdict
 from rewards import aggregate_by_problem, parallel_stats, path_agreement
 
 HIST_BINS = 10  # first-block position histogram: tenths of the response
+# what a training step logs of each held-out set under eval/<set>/<metric> (eval.every; docs/metrics.md)
+STEP_METRICS = ("mean_at_k", "pass_at_k", "format_validity", "parallel_ratio", "first_block_position", "mean_length")
 LABELS = {"aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23", "math500": "MATH-500",
           "math500_test": "MATH-500", "gsm8k": "GSM8K", "gsm8k_test": "GSM8K"}
 PLOTS = ("accuracy.png", "first_block_position.png", "accuracy_by_block.png")

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from grpo import checkpoint as ckpt
 from grpo.batching import TrainBatch, aligned_micro_batches, pack_rows
 from grpo.fsdp import Dist, all_reduce, clip_grad_norm, gathered_for_sampling
-from grpo.loop import StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_or_stop, start_note
+from grpo.loop import (StopFlag, TrainState, evaluation_due, make_sampler, micro_batch_logprobs, record_best,
+                       run_evaluation, save_or_stop, start_note)
 from grpo.loss import aggregate
 from grpo.optim import build_optimizer
 from grpo.runlog import append_metrics, plot_metrics
@@ -33,7 +34,8 @@ from .data import PromptStream
 from .prompts import encode_prompt, encode_sft_example, example_prompt
 
 log = logging.getLogger(__name__)
-PLOTS = {"loss": ["loss", "eval_loss"], "format": ["format_validity", "parallel_ratio"]}
+PLOTS = {"loss": ["loss", "eval_loss"], "format": ["format_validity", "parallel_ratio"],
+         "held-out mean@k (eval.every)": ["eval/*/mean_at_k"], "held-out format": ["eval/*/format_validity"]}
 
 
 def encode_examples(tokenizer, examples, cfg) -> list[tuple[list, list, list]]:
@@ -102,9 +104,11 @@ def format_figures(model, tokenizer, tags, examples, cfg, d: Dist, seed: int, co
     return {} if abandoned else {"format_validity": wf / n, "parallel_ratio": par / n}
 
 
-def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, compute_dtype=None) -> TrainState:
+def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, compute_dtype=None,
+              evaluate_fn=None) -> TrainState:
     """Run the SFT stage; returns the final loop state (checkpoints under run_dir/checkpoints).
-    `compute_dtype`: the model's compute dtype (the format check's KV cache; see grpo.loop.make_sampler)."""
+    `compute_dtype`: the model's compute dtype (the format check's KV cache; see grpo.loop.make_sampler).
+    `evaluate_fn`: the held-out evaluation every cfg.eval.every steps (as grpo.trainer.train_grpo's)."""
     s = cfg.sft
     if s.batch_size % d.world:
         raise ValueError(f"sft.batch_size={s.batch_size} must be a multiple of the world size {d.world}")
@@ -152,11 +156,15 @@ def train_sft(cfg, model, tokenizer, tags, train, val, run_dir: str, d: Dist, co
                                         should_stop=stop.asked,
                                         seed=cfg.seed + step, compute_dtype=compute_dtype))
                 m["time/eval_loss"], m["time/sample"] = t2 - t1, time.perf_counter() - t2  # the sampled format check
+            new_best = False
+            if evaluate_fn is not None and evaluation_due(state.step, cfg.eval.every, last):
+                m.update(run_evaluation(evaluate_fn, model, last, d))
+                new_best = record_best(state, m, cfg.checkpoint.keep_best, cfg.checkpoint.best_mode)
             if d.main:
                 append_metrics(run_dir, m)
                 trackers.log(m)
                 bar.set_postfix(loss=f"{loss:.3f}")
-            save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last)
+            save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last, new_best)
     if d.main:
         plot_metrics(run_dir, PLOTS)
     return state

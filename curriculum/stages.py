@@ -32,7 +32,7 @@ from rewards import ARGUMENTS
 from .config import Config, ConfigError, pipeline_stages, save_config, to_dict
 from .console import stage_opening
 from .data import Patterns, PromptStream, load_examples, split_examples
-from .evaluate import load_benchmarks, stage_figures
+from .evaluate import StepEvaluation, heldout_result, load_benchmarks, stage_figures
 from .preflight import config_diff, flatten, resolve_init
 from .prompts import encode_prompts, example_prompt
 from .summary import stage_seconds
@@ -186,20 +186,28 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None, plan: "Plan | N
     summary = {"init_from": init_dir, "prompts_cut": cut}
     model, compute = make_model(cfg, d, tokenizer, tags, init_dir)
     say(d, stage_opening(cfg, d.device, d.world, model, compute, init_dir, (len(train), len(val)), cut, memory))
+    step_eval = StepEvaluation(tokenizer, tags, heldout, cfg, d) if heldout and cfg.eval.every else None
     if cfg.kind == "sft":
         from .sft import train_sft
-        train_sft(cfg, model, tokenizer, tags, train, val, cfg.run_dir, d, compute_dtype=compute)
+        state = train_sft(cfg, model, tokenizer, tags, train, val, cfg.run_dir, d, compute_dtype=compute,
+                          evaluate_fn=step_eval)
     else:
         ref = None
         if cfg.grpo.kl_coef > 0:
             ref, _ = make_model(cfg, d, tokenizer, tags, init_dir, trainable=False)
-        train_grpo(cfg, model, tokenizer, tags, feed, cfg.run_dir, d, ref_model=ref, compute_dtype=compute)
+        state = train_grpo(cfg, model, tokenizer, tags, feed, cfg.run_dir, d, ref_model=ref, compute_dtype=compute,
+                           evaluate_fn=step_eval)
     final = ckpt.export_model(final, model, tokenizer, d, cfg.run_dir, config=to_dict(cfg))
-    summary.update(stage_seconds(cfg.run_dir))
+    summary.update(stage_seconds(cfg.run_dir))  # seconds_eval: the evaluations during training so far
     t_eval = time.perf_counter()
-    if heldout:
-        summary.update(stage_figures(model, tokenizer, tags, heldout, cfg, d))
-    summary["seconds_eval"] = time.perf_counter() - t_eval  # the held-out evaluation
+    if heldout:  # the last step's evaluation when eval.every ran it in this process, else now
+        result = step_eval.result if step_eval is not None and step_eval.result is not None else \
+            heldout_result(model, tokenizer, tags, heldout, cfg, d, os.path.join(cfg.run_dir, "heldout"))
+        summary.update(stage_figures(result, heldout))
+    summary["seconds_eval"] += time.perf_counter() - t_eval  # the held-out evaluations, end of stage included
+    if state.best:  # checkpoint.keep_best: which step, its value, where its export is
+        summary["best"] = {**state.best, "checkpoint": os.path.join(cfg.run_dir, "checkpoints", f"step-{state.best['step']}"),
+                           "export": os.path.join(cfg.run_dir, "best")}
     summary["seconds"] = time.perf_counter() - t0  # this run's wall clock for the stage, setup and export included
     if d.main:
         with open(summary_path, "w") as f:
@@ -216,8 +224,8 @@ def read_stage_data(cfg: Config) -> tuple[dict, list, list]:
 # --- re-runs --------------------------------------------------------------------------------------------
 
 # what a stage leaves in its run directory; a start-over moves these into <run_dir>/earlier-<k>
-OUTPUTS = ("config.yaml", "metrics.jsonl", "training.png", "checkpoints", "final", "summary.json", "heldout",
-           "tensorboard", "wandb")  # the last two: report.to's
+OUTPUTS = ("config.yaml", "metrics.jsonl", "training.png", "checkpoints", "final", "best", "rollouts", "summary.json",
+           "heldout", "tensorboard", "wandb")  # the last two: report.to's
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from grpo.runlog import draw_panel, pyplot, read_metrics, save_figure
+from grpo.runlog import draw_panel, expand_keys, pyplot, read_metrics, save_figure
 
 from .config import Config, pipeline_stages
 
@@ -34,11 +34,13 @@ def summary_table(summaries: dict) -> str:
 def stage_seconds(run_dir: str) -> dict:
     """Where a stage's training time went, summed over the steps in its metrics.jsonl (every step of the
     stage, also those run before a resume): seconds_sample (sampling inside training: GRPO rollouts, the SFT
-    format checks; the "time/sample" entries) and seconds_train (every other "time/" entry: updates, scoring,
-    old log-probs, validation loss)."""
+    format checks; the "time/sample" entries), seconds_eval (the held-out evaluations of eval.every; "time/eval")
+    and seconds_train (every other "time/" entry: updates, scoring, old log-probs, validation loss)."""
     times = [(k, v) for row in read_metrics(run_dir) for k, v in row.items() if k.startswith("time/") and v is not None]
     sample = sum(v for k, v in times if k == "time/sample")
-    return {"seconds_train": sum(v for _, v in times) - sample, "seconds_sample": sample}
+    evals = sum(v for k, v in times if k == "time/eval")
+    return {"seconds_train": sum(v for _, v in times) - sample - evals, "seconds_sample": sample,
+            "seconds_eval": evals}
 
 
 # file -> (title, metric keys, y range or None)
@@ -48,6 +50,9 @@ FIGURES = {"reward_accuracy.png": ("reward and accuracy (training samples)", ["r
            "response_length.png": ("response length (tokens)", ["completions/mean_length"], None),
            "first_parallel_position.png": ("relative position of the first <Parallel>", ["first_block_position"],
                                            (-0.02, 1.02)),  # 0 = the response opens with it, 1 = at its end
+           "heldout_accuracy.png": ("held-out mean@k during training (eval.every)", ["eval/*/mean_at_k"], (-0.02, 1.02)),
+           "heldout_parallel.png": ("held-out parallel ratio during training (eval.every)",
+                                    ["eval/*/parallel_ratio"], (-0.02, 1.02)),
            "sft_loss.png": ("SFT loss", ["loss", "eval_loss"], None)}
 
 
@@ -76,7 +81,7 @@ def plot_pipeline(cfg: Config) -> list[str]:
     paths = []
     for name, (title, keys, ylim) in FIGURES.items():
         path = os.path.join(cfg.run_dir, name)
-        drawn = {k: curves[k] for k in keys if k in curves}
+        drawn = {k: curves[k] for k in expand_keys(keys, [curves]) if k in curves}
         if not drawn:
             if os.path.exists(path):
                 os.remove(path)

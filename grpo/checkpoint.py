@@ -49,10 +49,11 @@ def _dir(run_dir: str) -> str:
 
 # --- writing --------------------------------------------------------------------------------------------
 
-def save(run_dir, model, opt, sched, state, d: Dist, tokenizer=None, *, config: dict, keep: int) -> str:
+def save(run_dir, model, opt, sched, state, d: Dist, tokenizer=None, *, config: dict, keep: int,
+         protect: int | None = None) -> str:
     """Write checkpoint step-<state.step> atomically (`config`: the resolved config, saved beside it), then
-    keep the newest `keep` complete ones (all when 0) and drop those of steps after this one (an abandoned
-    attempt). A collective: every rank calls it. FloatingPointError when the weights are not finite (nothing
+    keep the newest `keep` complete ones (all when 0) and step-<protect> (the best one, checkpoint.keep_best)
+    and drop those of steps after this one (an abandoned attempt). A collective: every rank calls it. FloatingPointError when the weights are not finite (nothing
     is written); CheckpointError when a rank cannot write (the `.tmp` is removed, older checkpoints stay)."""
     final = os.path.join(_dir(run_dir), f"step-{state.step}")
     tmp = final + ".tmp"
@@ -68,7 +69,7 @@ def save(run_dir, model, opt, sched, state, d: Dist, tokenizer=None, *, config: 
                    "optimizer_state": with_optim}
         _on_every_rank(lambda: _write_rank0_files(tmp, model, full, tokenizer, trainer, config) if d.main else None, d)
         write_manifest(tmp, d)
-        _on_every_rank(lambda: _publish(tmp, final, run_dir, state.step, keep) if d.main else None, d)
+        _on_every_rank(lambda: _publish(tmp, final, run_dir, state.step, keep, protect) if d.main else None, d)
     return final
 
 
@@ -126,12 +127,28 @@ def _write_rank0_files(tmp, model, full, tokenizer, trainer: dict, config: dict)
         yaml.safe_dump(config, f, sort_keys=False)
 
 
-def _publish(tmp: str, final: str, run_dir: str | None = None, step: int = 0, keep: int = 0) -> None:
+def _publish(tmp: str, final: str, run_dir: str | None = None, step: int = 0, keep: int = 0,
+             protect: int | None = None) -> None:
     """Rename the written `tmp` to `final`; for a checkpoint (run_dir given), prune the others."""
     shutil.rmtree(final, ignore_errors=True)  # a step redone after resuming from an older checkpoint
     os.replace(tmp, final)
     if run_dir is not None:
-        _prune(run_dir, step, keep)
+        _prune(run_dir, step, keep, protect)
+
+
+def export_best(checkpoint: str, path: str, run_dir: str, d: Dist) -> str:
+    """`path` (a stage's best/): a copy of the HF export of `checkpoint` (its model/), with a manifest, written
+    under `path.tmp` and renamed, so a crash leaves the previous best/ whole. A collective; CheckpointError as
+    `save`."""
+    tmp = path + ".tmp"
+    with _removed_on_failure(tmp, path, run_dir, d):
+        def copy():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(os.path.join(checkpoint, "model"), tmp)
+        _on_every_rank(copy if d.main else lambda: None, d)
+        write_manifest(tmp, d)
+        _on_every_rank(lambda: _publish(tmp, path) if d.main else None, d)
+    return path
 
 
 def _write_bytes(path: str, obj) -> None:
@@ -304,18 +321,20 @@ def latest(run_dir: str) -> str | None:
     return path
 
 
-def _prune(run_dir: str, step: int, keep: int) -> None:
+def _prune(run_dir: str, step: int, keep: int, protect: int | None = None) -> None:
     """After saving `step`: drop checkpoints of later steps (an abandoned attempt, or rejected ones we fell
-    back from), keep the newest `keep` complete ones (all when keep <= 0), and drop leftover `.tmp`
-    directories of interrupted saves (no other save is in flight)."""
+    back from), keep the newest `keep` complete ones (all when keep <= 0) and step-<protect> (the best), and
+    drop leftover `.tmp` directories of interrupted saves (no other save is in flight)."""
     done = []
     for s, path in list_checkpoints(run_dir):
         if s > step:
             shutil.rmtree(path, ignore_errors=True)
         elif defect(path, checksums=False) is None:
             done.append(path)
+    best = os.path.join(_dir(run_dir), f"step-{protect}")
     for path in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        if path != best:
+            shutil.rmtree(path, ignore_errors=True)
     root = _dir(run_dir)
     for name in os.listdir(root):
         if name.startswith("step-") and name.endswith(".tmp"):
@@ -399,6 +418,16 @@ def _load_tensors(path: str):
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(f"{path} holds an object other than tensors and plain values{what}; refused, as "
                               "nothing in a checkpoint may run code") from None
+
+
+@contextmanager
+def rng_preserved():
+    """Every RNG (Python, numpy, torch, CUDA) as it was before the block, whatever the block drew."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
 
 
 def _rng_state() -> dict:

@@ -1,10 +1,13 @@
 """What the GRPO loop (grpo/trainer.py) and the SFT loop (curriculum/sft.py) share: the loop state a checkpoint
-carries, Ctrl-C / SIGTERM handling and the end-of-step save, a stage's sampler, and the forward that scores a
-micro-batch the way the sampler saw it."""
+carries, Ctrl-C / SIGTERM handling and the end-of-step save, the held-out evaluation every eval.every steps and
+the best checkpoint it picks, a stage's sampler, and the forward that scores a micro-batch the way the sampler
+saw it."""
 from __future__ import annotations
 
+import math
 import os
 import signal
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -27,6 +30,7 @@ class TrainState:
     skipped: int = 0
     tokens_seen: int = 0  # prompt and completion tokens of every step so far, all ranks (TRL's num_tokens)
     feed: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)  # checkpoint.keep_best's record: {"metric", "step", "value"}
 
 
 class StopRequested(Exception):
@@ -97,14 +101,54 @@ def save_abandoned(run_dir, cfg, model, opt, sched, state, d, tokenizer) -> None
     raise StopRequested(f"stopped while sampling step {state.step + 1}, which was dropped; {saved}")
 
 
-def save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop: StopFlag, last: bool) -> None:
-    """End of a step (GRPO and SFT alike): a checkpoint when one is due, at the last step, or when Ctrl-C /
-    SIGTERM asked to stop (all ranks decide together); then StopRequested if asked before the last step."""
+def save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop: StopFlag, last: bool,
+                 new_best: bool = False) -> None:
+    """End of a step (GRPO and SFT alike): a checkpoint when one is due, at the last step, when this step's
+    evaluation is the best so far (`new_best`: then also exported as <run_dir>/best), or when Ctrl-C / SIGTERM
+    asked to stop (all ranks decide together); then StopRequested if asked before the last step. Rotation
+    never removes the best checkpoint (state.best)."""
     stopping = stop.requested(d)
-    if stopping or last or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
-        ckpt.save(run_dir, model, opt, sched, state, d, tokenizer, config=asdict(cfg), keep=cfg.checkpoint.keep)
+    if stopping or last or new_best or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+        path = ckpt.save(run_dir, model, opt, sched, state, d, tokenizer, config=asdict(cfg),
+                         keep=cfg.checkpoint.keep, protect=state.best.get("step"))
+        if new_best:
+            ckpt.export_best(path, os.path.join(run_dir, "best"), run_dir, d)
     if stopping and not last:
         raise StopRequested(f"stopped at step {state.step}; checkpoint saved in {run_dir}/checkpoints")
+
+
+def evaluation_due(step: int, every: int, last: bool) -> bool:
+    """Whether the held-out evaluation runs after `step` updates: every `every` steps and at the last step
+    (which the stage's end then reuses), never when every is 0 (the stage evaluates at its end only)."""
+    return every > 0 and (step % every == 0 or last)
+
+
+def run_evaluation(evaluate_fn, model, last: bool, d: Dist) -> dict:
+    """evaluate_fn(model, last) -> {"eval/<set>/<metric>": value} on every rank (a collective), plus its seconds
+    as time/eval. Every RNG is put back afterwards, so a run with evaluations trains on exactly the random
+    stream of one without (and a resumed run stays bit-identical)."""
+    t0 = time.perf_counter()
+    with ckpt.rng_preserved():
+        figures = evaluate_fn(model, last)
+    model.train()
+    return {**figures, "time/eval": time.perf_counter() - t0}
+
+
+def better(value, best, mode: str = "max") -> bool:
+    """Whether `value` beats the best so far (`best` None: nothing yet); a missing or NaN value never does."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def record_best(state: TrainState, metrics: dict, key: str | None, mode: str = "max") -> bool:
+    """checkpoint.keep_best's bookkeeping after an evaluation: when metrics[key] beats state.best, state.best
+    becomes {"metric": key, "step": state.step, "value": ...} and True is returned (save and export it)."""
+    best = state.best.get("value") if state.best.get("metric") == key else None  # another metric's: none yet
+    if not key or key not in metrics or not better(metrics[key], best, mode):
+        return False
+    state.best = {"metric": key, "step": state.step, "value": float(metrics[key])}
+    return True
 
 
 def make_sampler(model, tokenizer, tags, ro, compute_dtype=None) -> Sampler:

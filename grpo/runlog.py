@@ -4,6 +4,7 @@ the owner of a run directory."""
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import math
 import os
@@ -89,8 +90,10 @@ def draw_panel(ax, series: dict, title: str, first_colour: int = 0) -> int:
 
 
 def metrics_figure(rows: list[dict], panels: dict):
-    """A figure with a panel per entry of `panels` (title -> metric keys) that has a value to draw, step on the x
-    axis; None when no panel has one. A metric never logged (no block sampled yet) is left out of its panel."""
+    """A figure with a panel per entry of `panels` (title -> metric keys; a key with `*` stands for every logged
+    key it matches, as fnmatch: "eval/*/mean_at_k") that has a value to draw, step on the x axis; None when no
+    panel has one. A metric never logged (no block sampled yet) is left out of its panel."""
+    panels = {title: expand_keys(keys, rows) for title, keys in panels.items()}
     series = {title: {k: [pts] for k in keys if (pts := [(r["step"], r[k]) for r in rows if r.get(k) is not None])}
               for title, keys in panels.items()}
     series = {title: s for title, s in series.items() if s}
@@ -105,6 +108,12 @@ def metrics_figure(rows: list[dict], panels: dict):
         ax.set_xlabel("step")
     fig.tight_layout()
     return fig
+
+
+def expand_keys(keys: list[str], rows: list[dict]) -> list[str]:
+    """`keys` with each pattern holding `*` replaced by the logged keys it matches (sorted)."""
+    logged = sorted({k for r in rows for k in r})
+    return [m for k in keys for m in (fnmatch.filter(logged, k) if "*" in k else [k])]
 
 
 def save_figure(fig, path: str) -> str:

@@ -58,6 +58,13 @@ class TensorBoardWriter:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
 
+    def log_table(self, name: str, columns: list, rows: list, step: int) -> None:
+        """A markdown table in the TEXT tab (TensorBoard has no table type)."""
+        cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+        self.writer.add_text(name, "\n".join(lines), step)
+
     def close(self, failed: bool) -> None:
         self.writer.close()
 
@@ -66,12 +73,16 @@ class WandbWriter:
     """A W&B run under <run_dir>/wandb, offline unless WANDB_MODE says otherwise (`wandb sync` uploads it)."""
 
     def __init__(self, run_dir: str, project: str, config: dict, start_step: int):
-        wandb = _import("wandb")
+        self.wandb = wandb = _import("wandb")
         mode = os.environ.get("WANDB_MODE", "offline")
         self.run = wandb.init(project=project, name=run_dir, dir=run_dir, config=config, mode=mode)
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
+
+    def log_table(self, name: str, columns: list, rows: list, step: int) -> None:
+        self.run.log({name: self.wandb.Table(columns=list(columns), data=[[str(v) for v in r] for r in rows])},
+                     step=step)
 
     def close(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
@@ -87,6 +98,12 @@ class TrackioWriter:
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
+
+    def log_table(self, name: str, columns: list, rows: list, step: int) -> None:
+        """A trackio.Table where this trackio has one; an older one has no table type: skipped."""
+        table = getattr(self.trackio, "Table", None)
+        if table is not None:
+            self.run.log({name: table(columns=list(columns), data=[[str(v) for v in r] for r in rows])}, step=step)
 
     def close(self, failed: bool) -> None:
         with contextlib.redirect_stdout(sys.stderr):
@@ -121,6 +138,15 @@ class Trackers:
         values = scalars(record)
         for writer in self.writers:
             writer.log(values, record["step"])
+
+    def log_table(self, name: str, columns: list, rows: list, step: int) -> None:
+        """A small table (rollout samples) to every tracker, each in its own table form; a tracker that fails
+        at it is warned about, not raised (the dump on disk holds every sample anyway)."""
+        for writer in self.writers:
+            try:
+                writer.log_table(name, columns, rows, step)
+            except Exception as e:  # noqa: BLE001 - a table is a courtesy; the run goes on
+                log.warning(f"{type(writer).__name__} could not log the {name} table: {e}")
 
     def close(self, failed: bool = False) -> None:
         """Close every writer; one that fails to close is reported, not raised (the run's own error, if any,

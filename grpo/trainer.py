@@ -20,9 +20,10 @@ from rewards import RewardPool, RewardSet, parallel_stats
 from . import checkpoint as ckpt
 from .advantage import expand_to_rows, frac_zero_std, group_advantages, nonzero_std_groups
 from .batching import TrainBatch, aligned_micro_batches
+from .dumps import TABLE_COLUMNS, gather_records, sample_records, table_rows, write_dump
 from .fsdp import Dist, all_gather_cat, all_reduce, clip_grad_norm
-from .loop import (StepAbandoned, StopFlag, TrainState, make_sampler, micro_batch_logprobs, save_abandoned,
-                   save_or_stop, start_note)
+from .loop import (StepAbandoned, StopFlag, TrainState, evaluation_due, make_sampler, micro_batch_logprobs,
+                   record_best, run_evaluation, save_abandoned, save_or_stop, start_note)
 from .loss import grpo_objective
 from .optim import build_optimizer
 from .packing import packed_batch_logprobs, packed_micro_batches
@@ -32,7 +33,8 @@ from .tracking import Trackers
 
 log = logging.getLogger(__name__)
 PLOTS = {"reward": ["reward", "accuracy"], "parallel": ["parallel_ratio", "well_formed"],
-         "length": ["completions/mean_length"], "first <Parallel>": ["first_block_position"]}
+         "length": ["completions/mean_length"], "first <Parallel>": ["first_block_position"],
+         "held-out mean@k (eval.every)": ["eval/*/mean_at_k"], "held-out parallel ratio": ["eval/*/parallel_ratio"]}
 
 
 def updates_per_step(g) -> int:
@@ -41,12 +43,14 @@ def updates_per_step(g) -> int:
 
 
 def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_model=None,
-               compute_dtype=torch.float32, reward_fn=None) -> TrainState:
+               compute_dtype=torch.float32, reward_fn=None, evaluate_fn=None) -> TrainState:
     """Run cfg.grpo.steps GRPO steps. `feed.next_batch(P)` yields items with `.prompt_ids` and `.answer`;
     the feed and this loop's state are checkpointed every cfg.checkpoint.every steps; an item's `.prompt` (text or
     messages) and `.columns` (its data's other columns), when it has them, go to cfg.reward.funcs. `reward_fn`
     (picklable, `(response, gold, step) -> (float, dict)`) replaces the built-in reward of cfg.reward
-    (rewards.RewardSet.from_section)."""
+    (rewards.RewardSet.from_section). `evaluate_fn(model, last) -> {"eval/<set>/<metric>": value}` (a collective)
+    runs every cfg.eval.every steps and at the last (loop.run_evaluation); cfg.checkpoint.keep_best picks the
+    best. Every cfg.report.rollouts_every steps the step's samples go to rollouts/ (grpo/dumps.py)."""
     g, ro = cfg.grpo, cfg.rollout
     if g.prompts_per_step % d.world or g.mini_batch_prompts % d.world or g.prompts_per_step % g.mini_batch_prompts:
         raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} must be a multiple of grpo.mini_batch_prompts="
@@ -69,9 +73,11 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
     with RewardPool(workers=r.workers, timeout=r.timeout) as pool, stop, trackers:
         for step in bar:
             items = feed.next_batch(g.prompts_per_step)[d.rank::d.world]  # this rank's share of whole groups
+            every = cfg.report.rollouts_every
+            samples = [] if every and step % every == 0 else None  # this step's samples are dumped
             try:
                 metrics = grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sched, tokenizer,
-                                    cfg, d, state, stop, feed)
+                                    cfg, d, state, stop, feed, samples_out=samples)
             except StepAbandoned:  # weights, optimizer and state.feed are still those of the last finished step
                 save_abandoned(run_dir, cfg, model, opt, sched, state, d, tokenizer)
             except FloatingPointError as e:  # checkpoints are only ever written with finite weights
@@ -81,23 +87,32 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
                                                     "No checkpoint had been written yet.")) from None
             state.step = step + 1
             state.feed = feed.state_dict()
+            last, new_best = state.step == g.steps, False
+            if evaluate_fn is not None and evaluation_due(state.step, cfg.eval.every, last):
+                metrics.update(run_evaluation(evaluate_fn, model, last, d))
+                new_best = record_best(state, metrics, cfg.checkpoint.keep_best, cfg.checkpoint.best_mode)
+            if samples is not None:
+                samples = gather_records(samples, d)
             if d.main:
                 append_metrics(run_dir, metrics)
                 trackers.log(metrics)
+                if samples is not None:
+                    write_dump(run_dir, step, samples)
+                    trackers.log_table("rollouts", TABLE_COLUMNS, table_rows(samples), step)
                 acc = metrics["accuracy"]  # None without the built-in reward (reward.mode: none)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", **({} if acc is None else {"acc": f"{acc:.3f}"}))
-            save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last=state.step == g.steps)
+            save_or_stop(run_dir, cfg, model, opt, sched, state, d, tokenizer, stop, last, new_best)
     if d.main:
         plot_metrics(run_dir, PLOTS)
     return state
 
 
 def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sched, tokenizer, cfg, d, state,
-              stop: StopFlag | None = None, feed=None) -> dict:
+              stop: StopFlag | None = None, feed=None, samples_out: list | None = None) -> dict:
     """One GRPO step on this rank's prompts `items` (whole groups), scored with `reward_set` (rewards.RewardSet);
     returns the step's metrics over all ranks. `feed` (the prompt feed, the same on every rank) gives the prompts
     of refill rounds (grpo.max_sampling_rounds > 1). StepAbandoned (on every rank) when `stop` was raised while
-    sampling."""
+    sampling. `samples_out`: a list that receives a record of each sample this rank drew (grpo/dumps.py)."""
     g, G = cfg.grpo, cfg.rollout.group_size
     refill = g.filter_zero_std and g.max_sampling_rounds > 1
     if refill and feed is None:
@@ -120,6 +135,8 @@ def grpo_step(step, items, model, ref_model, sampler, pool, reward_set, opt, sch
     else:
         advantages = group_advantages(rewards, G, g.adv_scale)
     batch = replace(batch, advantages=advantages.to(batch.loss_mask.device))
+    if samples_out is not None:
+        samples_out += sample_records(step, rounds, slots, advantages, G, tokenizer, d.rank)
     kept = nonzero_std_groups(rewards, G)  # (P_rank,) groups with signal
     if g.filter_zero_std:  # DAPO dynamic sampling: groups without signal train nothing
         batch = replace(batch, loss_mask=batch.loss_mask * expand_to_rows(kept, G).to(batch.loss_mask.device)[:, None])

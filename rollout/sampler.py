@@ -179,10 +179,12 @@ class Sampler:
         pool.mark_written(slots.view(-1))
         return self._forward(ids, pos, prefill_mask(pmask), PagedBatch(pool, slots.view(-1)))
 
-    def draw(self, logits, keys, first, new: list, seed: int, temperature: float, top_p: float, top_k: int):
+    def draw(self, logits, keys, first, new: list, seed: int, temperature: float, top_p: float, top_k: int,
+             first_index: int = 0):
         """Sample the decode rows' next tokens (logits (R, V), noise keys (3, R)) and the first tokens of new
-        samples (first: (G, V) prefill logits; `new`: (its group's row in `first`, sample index) each). One
-        device-to-host read; returns the tokens and log-probs as lists."""
+        samples (first: (G, V) prefill logits; `new`: (its group's row in `first`, sample index) each); a
+        sample's noise is keyed by first_index + its index. One device-to-host read; returns the tokens and
+        log-probs as lists."""
         parts, key_parts = [], []
         if logits is not None:
             parts.append(logits)
@@ -192,7 +194,7 @@ class Sampler:
             parts.append(first[torch.tensor([g for g, _ in new], device=dev)])
             key_parts.append(torch.tensor([[s for _, s in new], [0] * len(new), [0] * len(new)], device=dev))
         rows, k = torch.cat(parts), torch.cat(key_parts, dim=1)  # (R, V), (3, R)
-        u = uniforms(stream_keys(seed, k[0], k[1], k[2]))  # (R,) one per row and step
+        u = uniforms(stream_keys(seed, k[0] + first_index, k[1], k[2]))  # (R,) one per row and step
         step = max(1, SAMPLE_ELEMENTS // rows.shape[-1])  # rows per sample_next call
         drawn = [sample_next(rows[i:i + step], temperature, top_p, top_k, u[i:i + step])
                  for i in range(0, len(rows), step)]
@@ -202,9 +204,12 @@ class Sampler:
 
     def generate(self, prompts: list, n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_ids=(), structured: bool = False, seed: int = 0,
-                 should_stop=None) -> Rollout:
+                 should_stop=None, first_index: int = 0) -> Rollout:
         """Sample n responses per prompt (token-id lists). See Rollout for what comes back. `should_stop`
-        (a callable) is asked between decode steps; True abandons the call with SamplingAborted."""
+        (a callable) is asked between decode steps; True abandons the call with SamplingAborted. `first_index`:
+        the index of this call's first sample in a larger call, so a slice of a batch (prompts i.. with
+        first_index i * n) draws exactly what the whole batch would have drawn for them (evaluation split
+        over ranks)."""
         self._check(prompts, n, max_new_tokens, temperature, top_p, top_k, structured)
         dev = self.model.get_input_embeddings().weight.device
         lim = Limits(max_new_tokens, frozenset(int(s) for s in stop_ids), structured, self.tags, self.num_paths,
@@ -237,7 +242,7 @@ class Sampler:
                     logits, pack = decoder.step(columns, max(len(r.pages) for r, _ in fed))  # (R, V), (8, R)
                     keys = pack[5:8]
                 new = [(i, s.index) for i, g in enumerate(groups) for s in g.samples]
-                tokens, logps = self.draw(logits, keys, first, new, seed, temperature, top_p, top_k)
+                tokens, logps = self.draw(logits, keys, first, new, seed, temperature, top_p, top_k, first_index)
                 R = len(fed)
                 run.advance(fed, tokens[:R], logps[:R], groups, list(zip(tokens[R:], logps[R:])))
         return run.result(self.pad_id, dev, pool.nbytes + decoder.nbytes, plan.rows)
