@@ -8,8 +8,8 @@ import warnings
 import pytest
 
 from curriculum.config import build_config
-from curriculum.summary import FIGURES, plot_pipeline
-from grpo.runlog import metrics_figure, plot_metrics, pyplot
+from curriculum.summary import FIGURES, pipeline_curves, plot_pipeline
+from grpo.runlog import expand_keys, metrics_figure, plot_metrics, pyplot
 
 ROWS = [{"step": s, "loss": 5.0 - s / 10} for s in range(8)]
 ROWS[-1].update(eval_loss=4.4, format_validity=0.125, parallel_ratio=0.0)  # measured once, at the last step
@@ -70,9 +70,26 @@ def test_pipeline_figures_break_at_stages_and_skip_what_no_stage_logged(tmp_path
     paths = plot_pipeline(cfg)
     assert [os.path.basename(p) for p in paths] == ["reward_accuracy.png", "parallel_ratio.png", "sft_loss.png"]
     assert not os.path.exists(tmp_path / "first_parallel_position.png")  # nothing to draw, and nothing stale
-    assert set(FIGURES) - {os.path.basename(p) for p in paths} == {"response_length.png", "first_parallel_position.png"}
+    assert set(FIGURES) - {os.path.basename(p) for p in paths} == {"response_length.png", "first_parallel_position.png",
+                                                                     "heldout_accuracy.png", "heldout_parallel.png"}
     for p in paths:
         assert os.path.getsize(p) > 1000
+
+
+def test_held_out_curves_draw_every_set_logged_by_eval_every(tmp_path, no_warnings):
+    """eval/<set>/mean_at_k of every set a stage logged (eval.every), as curves over the pipeline's steps."""
+    cfg = build_config({"kind": "pipeline", "run_dir": str(tmp_path), "stages": [{"name": "rl", "kind": "grpo"}]})
+    os.makedirs(tmp_path / "rl")
+    rl = [{"step": s, "reward": 0.0, **({"eval/easy/mean_at_k": 0.1 * s, "eval/hard/mean_at_k": 0.05 * s}
+                                        if s % 2 else {})} for s in range(6)]
+    (tmp_path / "rl" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl))
+    curves, _ = pipeline_curves(cfg)
+    assert expand_keys(["eval/*/mean_at_k"], [curves]) == ["eval/easy/mean_at_k", "eval/hard/mean_at_k"]
+    assert curves["eval/hard/mean_at_k"]["rl"] == [(1, 0.05), (3, 0.15000000000000002), (5, 0.25)]
+    assert "heldout_accuracy.png" in [os.path.basename(p) for p in plot_pipeline(cfg)]
+    fig = metrics_figure(rl, {"held-out": ["eval/*/mean_at_k"]})
+    assert sorted(line.get_label() for line in fig.axes[0].lines) == ["eval/easy/mean_at_k", "eval/hard/mean_at_k"]
+    pyplot().close(fig)
 
 
 def test_pipeline_axes_name_the_stages(tmp_path, monkeypatch, no_warnings):
