@@ -206,8 +206,8 @@ def run_stage(cfg: Config, d: Dist, init_dir: str | None = None, plan: "Plan | N
         summary.update(stage_figures(result, heldout))
     summary["seconds_eval"] += time.perf_counter() - t_eval  # the held-out evaluations, end of stage included
     if state.best:  # checkpoint.keep_best: which step, its value, where its export is
-        summary["best"] = {**state.best, "checkpoint": os.path.join(cfg.run_dir, "checkpoints", f"step-{state.best['step']}"),
-                           "export": os.path.join(cfg.run_dir, "best")}
+        step_dir = os.path.join(cfg.run_dir, "checkpoints", f"step-{state.best['step']}")
+        summary["best"] = {**state.best, "checkpoint": step_dir, "export": os.path.join(cfg.run_dir, "best")}
     summary["seconds"] = time.perf_counter() - t0  # this run's wall clock for the stage, setup and export included
     if d.main:
         with open(summary_path, "w") as f:

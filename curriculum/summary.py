@@ -50,7 +50,8 @@ FIGURES = {"reward_accuracy.png": ("reward and accuracy (training samples)", ["r
            "response_length.png": ("response length (tokens)", ["completions/mean_length"], None),
            "first_parallel_position.png": ("relative position of the first <Parallel>", ["first_block_position"],
                                            (-0.02, 1.02)),  # 0 = the response opens with it, 1 = at its end
-           "heldout_accuracy.png": ("held-out mean@k during training (eval.every)", ["eval/*/mean_at_k"], (-0.02, 1.02)),
+           "heldout_accuracy.png": ("held-out mean@k during training (eval.every)", ["eval/*/mean_at_k"],
+                                    (-0.02, 1.02)),
            "heldout_parallel.png": ("held-out parallel ratio during training (eval.every)",
                                     ["eval/*/parallel_ratio"], (-0.02, 1.02)),
            "sft_loss.png": ("SFT loss", ["loss", "eval_loss"], None)}

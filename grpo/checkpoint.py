@@ -53,8 +53,9 @@ def save(run_dir, model, opt, sched, state, d: Dist, tokenizer=None, *, config: 
          protect: int | None = None) -> str:
     """Write checkpoint step-<state.step> atomically (`config`: the resolved config, saved beside it), then
     keep the newest `keep` complete ones (all when 0) and step-<protect> (the best one, checkpoint.keep_best)
-    and drop those of steps after this one (an abandoned attempt). A collective: every rank calls it. FloatingPointError when the weights are not finite (nothing
-    is written); CheckpointError when a rank cannot write (the `.tmp` is removed, older checkpoints stay)."""
+    and drop those of steps after this one (an abandoned attempt). A collective: every rank calls it.
+    FloatingPointError when the weights are not finite (nothing is written); CheckpointError when a rank cannot
+    write (the `.tmp` is removed, older checkpoints stay)."""
     final = os.path.join(_dir(run_dir), f"step-{state.step}")
     tmp = final + ".tmp"
     if not _finite(model, d):
