@@ -187,3 +187,14 @@ def test_two_ranks_give_the_figures_of_one_and_dump_every_rank(tmp_path):
     assert all(set(FIELDS) <= set(r) for r in records)
     summaries = [json.load(open(tmp_path / n / "summary.json")) for n in ("one", "two")]
     assert summaries[0]["accuracy_easy"] == summaries[1]["accuracy_easy"]
+
+
+def test_an_sft_stage_evaluates_every_n_steps_too(tmp_path, counted):
+    over = {"kind": "sft", "data": {"synthetic": {"difficulty": "easy", "n": 16, "seed": 1, "solution": "parallel"},
+                                    "val_size": 2},
+            "sft": {"steps": 3, "batch_size": 2, "eval_samples": 1, "max_total_tokens": 160}, "eval": {"every": 2}}
+    cfg = build_config(stage(tmp_path, **over))
+    summary = run_pipeline(cfg, Dist())["g"]
+    logged = rows(cfg.run_dir)
+    assert [r["step"] for r in logged if "eval/easy/mean_at_k" in r] == [1, 2] and len(counted) == 2
+    assert summary["format_validity"] == logged[-1]["eval/overall/format_validity"]

@@ -113,6 +113,23 @@ def test_tensorboard_event_files_read_back(tmp_path):
                                              "first_block_position": [], "num_tokens": []}  # later steps hidden
 
 
+@needs("tensorboard")
+def test_a_rollout_table_reaches_tensorboard_as_text_and_a_failing_writer_only_warns(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    with Trackers(["tensorboard"], str(tmp_path), project="p", config={}) as t:
+        t.log_table("rollouts", ["prompt", "response"], [["1 + 1 =", "Final Answer: 2 | ok\nend"]], 3)
+        t.writers.append(FakeWriter(str(tmp_path), "p", {}, 0))  # no log_table: warned about, not raised
+        t.log_table("rollouts", ["prompt"], [["x"]], 4)
+        t.writers.pop()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    text, later = events.Tensors("rollouts/text_summary")
+    assert (text.step, later.step) == (3, 4)  # the tensorboard writer logged both, beside the failing one
+    table = text.tensor_proto.string_val[0].decode()
+    assert table.splitlines() == ["| prompt | response |", "|---|---|", "| 1 + 1 = | Final Answer: 2 \\| ok end |"]
+    assert "FakeWriter could not log the rollouts table" in caplog.text
+
+
 TRACKIO_READER = """
 import json, sys
 from grpo.tracking import Trackers
