@@ -89,14 +89,10 @@ def check_rules(cfg: Config, world: int) -> None:
 
 
 def check_eval_keys(cfg: Config) -> None:
-    """eval.every needs benchmarks to evaluate; checkpoint.keep_best names eval/<set>/<metric> of a benchmark the
-    stage evaluates (or overall) and a metric a step logs (report.STEP_METRICS), and needs eval.every > 0."""
-    if cfg.kind == "pipeline":
-        return
+    """checkpoint.keep_best names eval/<set>/<metric> of a benchmark the stage evaluates (or overall) and a
+    metric a step logs (report.STEP_METRICS), and needs eval.every > 0. (eval.every without benchmarks does
+    nothing, as `--set eval.benchmarks={}` turns every held-out evaluation off.)"""
     names = list(cfg.eval.benchmarks)
-    if cfg.eval.every and not names:
-        raise ConfigError(f"eval.every={cfg.eval.every} but eval.benchmarks is empty: list the held-out sets to "
-                          "evaluate, or set eval.every: 0")
     key = cfg.checkpoint.keep_best
     if key is None:
         return
