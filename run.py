@@ -4,6 +4,7 @@
     python run.py --config configs/stage2.yaml --set grpo.clip_high=0.28
     torchrun --nproc_per_node 8 run.py --config configs/stage2.yaml
     python run.py eval --model runs/stage2/final --config configs/eval.yaml
+    python run.py compare --config configs/studies/reward.yaml --jobs 2    # arms x seeds, table and curves
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ SIZE_NOTES = {None: None,  # said before the run and under its table
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="run.py", description="Parallel-R1 training: SFT and GRPO stages, pipelines, "
-                                 "the CPU demo. `run.py eval --help` for evaluation.")
+                                 "the CPU demo. `run.py eval --help` for evaluation, `run.py compare --help` for "
+                                 "studies across seeds.")
     ap.add_argument("--config", help="YAML config: a path, or a name in the package's configs/ (stage2, "
                     "configs/stage2.yaml); default: the CPU demo, configs/demo.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -42,6 +44,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "eval":
         from curriculum.evaluate import cli
+        return cli(argv[1:])
+    if argv and argv[0] == "compare":
+        from studies.compare import cli
         return cli(argv[1:])
     args = parse_args(argv)
     bad_world = args.world_size is not None and args.world_size < 1

@@ -8,8 +8,8 @@ setup(
     python_requires=">=3.10",
     # configs/ ships beside the packages (site-packages/configs), where curriculum.config.CONFIG_DIR looks
     # for it, so `parallel-r1 --config stage2` works after a regular install too, from any directory
-    packages=["model", "rollout", "grpo", "rewards", "curriculum", "configs"],
-    package_data={"configs": ["*.yaml"]},
+    packages=["model", "rollout", "grpo", "rewards", "curriculum", "studies", "configs"],
+    package_data={"configs": ["*.yaml", "studies/*.yaml"]},
     py_modules=["run"],
     # torch is pinned by the README's install command (torch==2.13.0, the CPU wheel here); any
     # 2.6+ build satisfies this, so pip never swaps a working CUDA install for another.

@@ -102,7 +102,8 @@ class GRPOConfig:
     policy_loss: Literal["ppo_clip", "gspo", "cispo"] = "ppo_clip"
     # clip range [1 - clip_low, 1 + clip_high]; unset = the policy loss's published one (grpo/loss.py
     # OBJECTIVE_DEFAULTS): ppo_clip 0.2 / 0.2, gspo 3e-4 / 4e-4, cispo no lower bound / 4.0 (weights up to 5)
-    clip_low: float | None = ranged(None, ge=0.0, lt=1.0)
+    # clip_low 1.0 with clip_high 1e9: no clip (the ratio is > 0 and never near 1e9), the README's one-line edit
+    clip_low: float | None = ranged(None, ge=0.0, le=1.0)
     clip_high: float | None = ranged(None, ge=0.0)  # 0.28 = DAPO's clip-higher
     clip_c: float | None = ranged(None, gt=1.0)  # dual clip (> 1) for negative advantages (ppo_clip only)
     kl_coef: float = ranged(0.0, ge=0.0)  # 0: no reference model is loaded or run
@@ -247,7 +248,6 @@ class Config:
     init_from: str | None = None  # a model directory, or the name of an earlier stage of the pipeline
     stages: list = field(default_factory=list)  # pipeline: stage files or inline stage dicts, in order
     quick: dict = field(default_factory=dict)  # overrides applied by `run.py --quick`
-    short: dict = field(default_factory=dict)  # overrides applied by `run.py --short`
     short: dict = field(default_factory=dict)  # overrides applied by `run.py --short`
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

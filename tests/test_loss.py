@@ -467,3 +467,17 @@ def test_clip_metrics_follow_a_one_line_edit_that_drops_the_clip():
     # per-token losses -rho*A: -1.5, -0.5, 0.5, 1.5, 3 (dual), 0
     assert loss.item() == pytest.approx((-1.5 - 0.5 + 0.5 + 1.5 + 3.0) / 6, rel=1e-6)
     assert m["policy_loss"].item() == pytest.approx(loss.item())
+
+
+def test_the_no_clip_edit_as_config_keys_matches_the_edited_file():
+    """configs/studies/clip.yaml runs the README's edit as grpo.clip_low=1.0, grpo.clip_high=1e9: the clamp to
+    [0, 1e9] leaves every ratio as it is, so loss, gradient and clip metrics equal the edited file's."""
+    logp, old, adv, mask = clip_example()
+    edited = edited_loss_module(CLIP_LINE, NO_CLIP)
+    lp_a, lp_b = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    loss_a, m_a = grpo_objective(lp_a, old, adv, mask, clip_low=1.0, clip_high=1e9)
+    loss_b, m_b = edited.grpo_objective(lp_b, old, adv, mask)
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(torch.autograd.grad(loss_a, lp_a)[0], torch.autograd.grad(loss_b, lp_b)[0])
+    assert {k: v.item() for k, v in m_a.items()} == {k: v.item() for k, v in m_b.items()}
+    assert m_a["clip_ratio/region_mean"] == 0
