@@ -101,6 +101,8 @@ def parse_args(argv):
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the study's `seeds`)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (set OMP_NUM_THREADS so that jobs x "
                     "threads fits the cores)")
+    ap.add_argument("--quick", action="store_true", help="apply each config's `quick:` block: a smoke run of the "
+                    "whole study under <run_dir>/quick (the demo's: seconds a run); its figures mean nothing")
     ap.add_argument("--report-only", action="store_true", help="launch nothing: the table and curves of the "
                     "runs found")
     return ap.parse_args(argv)
@@ -112,7 +114,7 @@ def cli(argv, launcher=launch) -> int:
         if args.jobs < 1:
             raise ConfigError("--jobs must be >= 1")
         study = load_study(study_path(args.config), args.seeds)
-        bases, runs = plan_runs(study)
+        bases, runs = plan_runs(study, args.quick)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -92,10 +92,11 @@ def load_study(path: str, seeds: list | None = None) -> Study:
     return study
 
 
-def resolve_stage(config: str, stage: str | None, sets: list) -> dict:
-    """The single-stage config that run.py runs: `config` with `sets` applied, and for a pipeline its stage
-    named `stage` with the pipeline's shared keys merged in (what run.py would run as that stage)."""
-    cfg = load_config(config, list(sets))
+def resolve_stage(config: str, stage: str | None, sets: list, quick: bool = False) -> dict:
+    """The single-stage config that run.py runs: `config` with `sets` applied (after its `quick:` block with
+    `quick`), and for a pipeline its stage named `stage` with the pipeline's shared keys merged in (what
+    run.py would run as that stage)."""
+    cfg = load_config(config, list(sets), quick=quick)
     stages = pipeline_stages(cfg)
     if stage is None:
         if len(stages) != 1:
@@ -108,19 +109,23 @@ def resolve_stage(config: str, stage: str | None, sets: list) -> dict:
     raise ConfigError(f"{config} has no stage {stage!r} (its stages: {', '.join(s.name for s in stages)})")
 
 
-def plan_runs(study: Study) -> tuple[list[Run], list[Run]]:
-    """(bases, arm runs) of the study, every config resolved and checked before anything runs."""
+def plan_runs(study: Study, quick: bool = False) -> tuple[list[Run], list[Run]]:
+    """(bases, arm runs) of the study, every config resolved and checked before anything runs; `quick`: each
+    config's `quick:` block applied (a smoke run of the whole study; study.run_dir is then <run_dir>/quick)."""
+    if quick:
+        study.run_dir = os.path.join(study.run_dir, "quick")
     bases = {}
     for name, spec in study.bases.items():
         try:
-            resolved = resolve_stage(spec.config or study.config, spec.stage, spec.set)
+            resolved = resolve_stage(spec.config or study.config, spec.stage, spec.set, quick)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             raise ConfigError(f"bases.{name}: {e}") from None
         bases[name] = Run(f"base {name}", None, None, resolved, (), os.path.join(study.run_dir, name))
     runs = []
     for arm in study.arms:
         try:
-            resolved = resolve_stage(arm.config or study.config, arm.stage or study.stage, study.set + arm.set)
+            resolved = resolve_stage(arm.config or study.config, arm.stage or study.stage, study.set + arm.set,
+                                     quick)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             raise ConfigError(f"arm {arm.name}: {e}") from None
         base = bases[arm.base].run_dir if arm.base else None

@@ -11,7 +11,7 @@ import yaml
 from curriculum.config import CONFIG_DIR, load_config, save_config
 from studies.compare import cli
 from studies.report import read_run, run_value
-from studies.study import load_study, plan_runs
+from studies.study import load_study, plan_runs, resolve_stage
 from curriculum.schema import ConfigError
 
 STUDIES = sorted(glob.glob(os.path.join(CONFIG_DIR, "studies", "*.yaml")))
@@ -136,8 +136,12 @@ def test_committed_studies_are_pinned(path):
     bases, runs = plan_runs(study)
     assert len(study.seeds) >= 3 and len(study.arms) >= 2 and bases
     assert all(run.needs and run.config["kind"] == "grpo" for run in runs)
-    for base in bases:  # the demo's cold start, unchanged except for its variant
-        assert base.config["kind"] == "sft" and base.config["sft"]["steps"] == 2000
+    demo_cold_start = resolve_stage("demo", "stage0", [])
+    for base in bases:  # the demo's cold start, its variant and its length (600 of 2000 steps, for time) set
+        assert {k for k in base.config if base.config[k] != demo_cold_start[k]} <= {"variant", "sft"}
+        sft = base.config["sft"]
+        assert {k for k in sft if sft[k] != demo_cold_start["sft"][k]} == {"steps", "eval_every"}
+        assert (sft["steps"], sft["eval_every"]) == (600, 300)
     arms = {run.arm: run.config for run in runs}
     first, *others = arms.values()
     for config in others:  # arms differ only where the study says
@@ -151,7 +155,7 @@ def test_committed_studies_are_pinned(path):
         assert [c["variant"] for c in arms.values()] == ["causal", "structured"]
         assert [r.needs for r in runs[::len(study.seeds)]] == [b.run_dir for b in bases]
     if name == "scaffold":
-        assert [c["reward"]["scaffold_until"] for c in arms.values()] == [None, 14]
+        assert [c["reward"]["scaffold_until"] for c in arms.values()] == [None, 9]
     if name == "clip":
         clips = [(c["grpo"]["clip_low"], c["grpo"]["clip_high"]) for c in arms.values()]
         assert clips == [(None, None), (1.0, 1e9)]
@@ -163,3 +167,18 @@ def test_studies_are_found_by_name():
     with pytest.raises(ConfigError, match="not found"):
         from studies.study import study_path
         study_path("no-such-study")
+
+
+@pytest.mark.slow
+def test_a_real_quick_study_runs_then_resumes_without_rerunning(tmp_path, capsys):
+    """The demo's cold start and stage 2 at --quick size, two arms x one seed, as real run.py subprocesses;
+    the second call launches nothing (about 40 s on a 2-core CPU)."""
+    path = write_study(tmp_path, seeds=[0], set=[], metrics=["summary/accuracy_hard", "accuracy", "parallel_ratio"])
+    assert cli(["--config", path, "--quick", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": done in") == 3
+    report = json.loads((tmp_path / "runs" / "quick" / "toy" / "compare.json").read_text())
+    assert set(report["metrics"]["accuracy"]["arms"]) == {"a", "b"}
+    assert "seed" in (tmp_path / "runs" / "quick" / "a" / "seed-0.log").read_text()
+    assert cli(["--config", path, "--quick"]) == 0
+    assert capsys.readouterr().out.count("finished earlier, not rerun") == 3
