@@ -60,7 +60,8 @@ class DataConfig:
     template: Literal["chat", "raw"] = "raw"  # chat template, or raw text (base models)
     max_prompt_tokens: int = ranged(2000, ge=1)  # longer prompts are cut from the left
     # the demo task instead of files: {difficulty, n, seed, solution}; `solution: parallel` writes the paths in a
-    # fixed order for the causal variant and draws each path's form for the structured one (as it samples them)
+    # fixed order for the causal variant and draws each path's form for the structured one (as it samples them);
+    # `solution: mixed`: half parallel, half plain (even / odd problems)
     synthetic: dict | None = None
 
 

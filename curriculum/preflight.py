@@ -169,8 +169,9 @@ def check_synthetic(spec: dict, key: str) -> None:
     n = spec.get("n")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"{key}.n: {n!r}; give the number of problems (an int >= 1)")
-    if spec.get("solution") not in (None, "parallel", "plain"):
-        raise ConfigError(f"{key}.solution: {spec['solution']!r}; choose parallel, plain or leave it out")
+    if spec.get("solution") not in (None, "parallel", "plain", "mixed"):
+        raise ConfigError(f"{key}.solution: {spec['solution']!r}; choose parallel, plain, mixed (half each) or leave "
+                          "it out")
 
 
 def check_files(cfg: Config, earlier: dict | None = None) -> None:

@@ -103,13 +103,14 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
     [sign, amount, verb] for an operation ("+" or "-") and ["0", amount, verb, object] for a distractor.
 
     exclude: examples (e.g. a held-out test set) whose numbers (start and ops) must not recur here.
-    solution: None, "parallel" or "plain" fills `Example.solution` with that target.
+    solution: None, "parallel" or "plain" fills `Example.solution` with that target; "mixed": the even-numbered
+    problems parallel, the odd ones plain (a cold start that leaves RL a parallel ratio to move; the reward study).
     independent_paths: parallel solutions whose paths are independent draws of a form (parallel_solution).
     """
     if difficulty not in DIFFICULTIES and difficulty not in MIXES:
         raise ValueError(f"unknown difficulty {difficulty!r}; valid: {list(DIFFICULTIES) + list(MIXES)}")
-    if solution not in (None, "parallel", "plain"):
-        raise ValueError(f"solution={solution!r}; valid: None, 'parallel', 'plain'")
+    if solution not in (None, "parallel", "plain", "mixed"):
+        raise ValueError(f"solution={solution!r}; valid: None, 'parallel', 'plain', 'mixed'")
     rng = random.Random(f"synthetic-{difficulty}-{seed}")  # str seeds are stable across runs
     banned = {_signature(ex.meta) for ex in exclude}
     seen, out = set(), []
@@ -134,9 +135,9 @@ def make_problems(n: int, difficulty: str, seed: int, exclude=(), solution: str 
         raise ValueError(f"make_problems: only {len(out)} distinct {difficulty} problems found for n={n}; "
                          "ask for fewer or exclude fewer")
     if solution is not None:
-        write = partial(parallel_solution, independent_paths=independent_paths) if solution == "parallel" \
-            else plain_solution
-        out = [replace(ex, solution=write(ex)) for ex in out]
+        parallel = partial(parallel_solution, independent_paths=independent_paths)
+        out = [replace(ex, solution=parallel(ex) if solution == "parallel" or (solution == "mixed" and i % 2 == 0)
+                       else plain_solution(ex)) for i, ex in enumerate(out)]
     return out
 
 

@@ -138,7 +138,10 @@ def test_committed_studies_are_pinned(path):
     assert all(run.needs and run.config["kind"] == "grpo" for run in runs)
     demo_cold_start = resolve_stage("demo", "stage0", [])
     for base in bases:  # the demo's cold start, its variant and its length (600 of 2000 steps, for time) set
-        assert {k for k in base.config if base.config[k] != demo_cold_start[k]} <= {"variant", "sft"}
+        assert {k for k in base.config if base.config[k] != demo_cold_start[k]} <= {"variant", "sft", "data"}
+        solution = "mixed" if study.name == "reward-mixed" else "parallel"
+        assert base.config["data"] == {**demo_cold_start["data"], "synthetic": {
+            **demo_cold_start["data"]["synthetic"], "solution": solution}}
         sft = base.config["sft"]
         assert {k for k in sft if sft[k] != demo_cold_start["sft"][k]} == {"steps", "eval_every"}
         assert (sft["steps"], sft["eval_every"]) == (600, 300)
@@ -148,7 +151,7 @@ def test_committed_studies_are_pinned(path):
         differ = {k for k in config if config[k] != first[k]}
         assert differ <= {"variant", "reward", "grpo"}, differ
     name = study.name
-    if name == "reward":
+    if name in ("reward", "reward-mixed"):
         assert [c["reward"]["mode"] for c in arms.values()] == ["accuracy", "alternating"]
         assert {c["variant"] for c in arms.values()} == {"structured"}
     if name == "variant":

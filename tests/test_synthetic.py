@@ -243,3 +243,11 @@ def test_structured_stages_train_on_independent_paths():
         pairs_by_variant[variant] = pairs
     assert pairs_by_variant["causal"] == {(False, True)}
     assert pairs_by_variant["structured"] == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_mixed_solutions_alternate_parallel_and_plain(sets):
+    mixed = make_problems(10, "easy", seed=0, solution="mixed")
+    assert [e.solution for e in mixed[0::2]] == [parallel_solution(e) for e in sets["easy"][:10:2]]
+    assert [e.solution for e in mixed[1::2]] == [plain_solution(e) for e in sets["easy"][1:10:2]]
+    with pytest.raises(ValueError, match="mixed"):
+        make_problems(3, "easy", seed=0, solution="half")
