@@ -159,7 +159,7 @@ def test_committed_studies_are_pinned(path):
         assert [r.needs for r in runs[::len(study.seeds)]] == [b.run_dir for b in bases]
     if name == "scaffold":
         assert [c["reward"]["scaffold_until"] for c in arms.values()] == [None, 9]
-    if name == "clip":
+    if name.startswith("clip"):
         clips = [(c["grpo"]["clip_low"], c["grpo"]["clip_high"]) for c in arms.values()]
         assert clips == [(None, None), (1.0, 1e9)]
         assert all(c["grpo"]["mini_batch_prompts"] < c["grpo"]["prompts_per_step"] for c in arms.values())
