@@ -175,7 +175,7 @@ def test_studies_are_found_by_name():
 @pytest.mark.slow
 def test_a_real_quick_study_runs_then_resumes_without_rerunning(tmp_path, capsys):
     """The demo's cold start and stage 2 at --quick size, two arms x one seed, as real run.py subprocesses;
-    the second call launches nothing (98 s on a busy 2-core CPU)."""
+    the second call launches nothing (98-282 s on a busy 2-core CPU)."""
     path = write_study(tmp_path, seeds=[0], set=[], metrics=["summary/accuracy_hard", "accuracy", "parallel_ratio"])
     assert cli(["--config", path, "--quick", "--jobs", "2"]) == 0
     out = capsys.readouterr().out
