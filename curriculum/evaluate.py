@@ -258,11 +258,11 @@ def heldout_result(model, tokenizer, tags, heldout: dict, cfg, d, out_dir: str |
     if d.world == 1:
         return evaluate(model, tokenizer, tags, heldout, out_dir=out_dir, label=cfg.name, restart_if_changed=True,
                         progress=d.main, **kw)
-    from grpo.fsdp import all_gather_objects, gathered_for_sampling
+    from grpo.fsdp import all_gather_lists, gathered_for_sampling
 
     with gathered_for_sampling(model):
         mine = sample_and_score(model, tokenizer, tags, heldout, progress=d.main, rank=d.rank, world=d.world, **kw)
-    result = report.summarize([r for part in all_gather_objects(mine, d) for r in part], order=list(heldout))
+    result = report.summarize(all_gather_lists(mine, d), order=list(heldout))
     if d.main and out_dir is not None:
         report.write_results(out_dir, cfg.name, result)
     return result

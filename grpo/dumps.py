@@ -13,8 +13,6 @@ import torch
 
 from rewards import parallel_stats
 
-from .fsdp import Dist, all_gather_objects
-
 TABLE_ROWS = 8  # samples of a dumped step shown in the trackers' table
 TABLE_COLUMNS = ("step", "prompt", "response", "gold", "reward", "advantage", "finish_reason")
 
@@ -51,11 +49,6 @@ def sample_records(step: int, rounds: list, slots: list, advantages: torch.Tenso
                 "prompt_length": int(prompt_len[row]), "response_length": int(resp_len[row]),
                 "sampler_logp_mean": logp_mean[row]})
     return out
-
-
-def gather_records(records: list[dict], d: Dist) -> list[dict]:
-    """Every rank's records, rank by rank (a collective)."""
-    return [r for part in all_gather_objects(records, d) for r in part]
 
 
 def dump_path(run_dir: str, step: int) -> str:

@@ -163,6 +163,11 @@ def all_gather_objects(obj, d: Dist) -> list:
     return out
 
 
+def all_gather_lists(items: list, d: Dist) -> list:
+    """Every rank's list joined, rank 0's items first (a collective; `items` itself when d.world == 1)."""
+    return [x for part in all_gather_objects(items, d) for x in part]
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

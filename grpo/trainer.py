@@ -20,8 +20,8 @@ from rewards import RewardPool, RewardSet, parallel_stats
 from . import checkpoint as ckpt
 from .advantage import expand_to_rows, frac_zero_std, group_advantages, nonzero_std_groups
 from .batching import TrainBatch, aligned_micro_batches
-from .dumps import TABLE_COLUMNS, gather_records, sample_records, table_rows, write_dump
-from .fsdp import Dist, all_gather_cat, all_reduce, clip_grad_norm
+from .dumps import TABLE_COLUMNS, sample_records, table_rows, write_dump
+from .fsdp import Dist, all_gather_cat, all_gather_lists, all_reduce, clip_grad_norm
 from .loop import (StepAbandoned, StopFlag, TrainState, evaluation_due, make_sampler, micro_batch_logprobs,
                    record_best, run_evaluation, save_abandoned, save_or_stop, start_note)
 from .loss import grpo_objective
@@ -92,7 +92,7 @@ def train_grpo(cfg, model, tokenizer, tags, feed, run_dir: str, d: Dist, ref_mod
                 metrics.update(run_evaluation(evaluate_fn, model, last, d))
                 new_best = record_best(state, metrics, cfg.checkpoint.keep_best, cfg.checkpoint.best_mode)
             if samples is not None:
-                samples = gather_records(samples, d)
+                samples = all_gather_lists(samples, d)  # every rank's, rank by rank
             if d.main:
                 append_metrics(run_dir, metrics)
                 trackers.log(metrics)
