@@ -7,6 +7,8 @@ import json
 import math
 import os
 
+from grpo.runlog import pyplot, read_metrics
+
 from .stats import Interval, paired_difference, t_interval
 from .study import Run, Study
 
@@ -15,16 +17,8 @@ FEW_SEEDS = 3  # below this the interval means little: say so
 
 def read_run(run_dir: str) -> tuple[list[dict], dict | None]:
     """(metrics.jsonl records, summary.json or None) of a run; a missing file reads as empty, a torn last
-    line (a run killed mid-write) is skipped."""
-    records = []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+    line (a run killed mid-write) is skipped (grpo.runlog.read_metrics)."""
+    records = read_metrics(run_dir)
     summary = None
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
@@ -58,9 +52,9 @@ def run_value(records: list[dict], summary: dict | None, metric: str, last_steps
     return sum(tail) / len(tail)
 
 
-def table(study: Study, runs: list[Run]) -> dict:
-    """metric -> {arms: {arm: {seed: value}, intervals}, differences from the first arm}."""
-    data = {run.run_dir: read_run(run.run_dir) for run in runs}
+def table(study: Study, runs: list[Run], data: dict) -> dict:
+    """metric -> {arms: {arm: {seed: value}, intervals}, differences from the first arm}. `data`: run_dir ->
+    read_run's (records, summary)."""
     arms = [a.name for a in study.arms]
     out = {}
     for metric in study.metrics:
@@ -128,16 +122,14 @@ def smoothed(points: list[tuple[int, float]], window: int) -> list[tuple[int, fl
     return out
 
 
-def plot_curves(study: Study, runs: list[Run], path: str) -> bool:
+def plot_curves(study: Study, runs: list[Run], path: str, data: dict) -> bool:
     """curves.png: one panel per metrics.jsonl metric, each arm's mean over seeds (thick; at the steps every
-    seed logged) and each seed (thin). False when no metric has a point."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    seed logged) and each seed (thin). False when no metric has a point. `data` as table's."""
+    plt = pyplot()
     metrics = [m for m in study.metrics if not m.startswith("summary/")]
     curves = {m: {} for m in metrics}
     for run in runs:
-        records, _ = read_run(run.run_dir)
+        records = data[run.run_dir][0]
         for m in metrics:
             pts = smoothed(series(records, m), study.smooth)
             if pts:
@@ -174,7 +166,8 @@ def plot_curves(study: Study, runs: list[Run], path: str) -> bool:
 def write_report(study: Study, runs: list[Run], out_dir: str, status: dict) -> list[str]:
     """compare.md, compare.json and curves.png under `out_dir`; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
-    rows = table(study, runs)
+    data = {run.run_dir: read_run(run.run_dir) for run in runs}  # each run's files, read once
+    rows = table(study, runs, data)
     paths = [os.path.join(out_dir, "compare.md"), os.path.join(out_dir, "compare.json")]
     with open(paths[0], "w") as f:
         f.write(markdown(study, rows, status))
@@ -182,6 +175,6 @@ def write_report(study: Study, runs: list[Run], out_dir: str, status: dict) -> l
         json.dump({"study": study.name, "seeds": study.seeds, "level": study.level, "last_steps": study.last_steps,
                    "few_seeds": len(study.seeds) < FEW_SEEDS, "metrics": rows, "runs": status}, f, indent=1)
     curves = os.path.join(out_dir, "curves.png")
-    if plot_curves(study, runs, curves):
+    if plot_curves(study, runs, curves, data):
         paths.append(curves)
     return paths
