@@ -82,24 +82,25 @@ def sample_and_score(model, tokenizer, tags, benchmarks: dict, *, samples=1, tem
                           max_path_tokens=max_path_tokens, prefill_rows=prefill_rows, kv_cache_gb=kv_cache_gb,
                           kv_cache_fraction=kv_cache_fraction, max_rows=max_rows, page_size=page_size,
                           cuda_graphs=cuda_graphs)
-        sizes = [sum((name, i) not in finished for i in range(start, min(start + batch_prompts, len(exs))))
-                 for name, exs in benchmarks.items() for start in range(0, len(exs), batch_prompts)]
-        left = sum(m * (rank + 1) // world - m * rank // world for m in sizes)  # this rank's problems
+        batches = []  # (benchmark, batch index, this rank's first index in the batch's todo, its problems)
+        for name, exs in benchmarks.items():
+            for b, start in enumerate(range(0, len(exs), batch_prompts)):
+                todo = [i for i in range(start, min(start + batch_prompts, len(exs))) if (name, i) not in finished]
+                lo, hi = len(todo) * rank // world, len(todo) * (rank + 1) // world  # this rank's slice
+                if hi > lo:
+                    batches.append((name, b, lo, todo[lo:hi]))
         with RewardPool(workers=workers, timeout=timeout) as pool, \
-                tqdm(total=left, desc="eval", unit="problem", disable=not progress) as bar:
+                tqdm(total=sum(len(mine) for *_, mine in batches), desc="eval", unit="problem",
+                     disable=not progress) as bar:
             score = _scorer(pool, RewardFn.from_section(RewardConfig(timeout=timeout), mode="accuracy"))
-            for name, examples in benchmarks.items():
+            for name, b, lo, mine in batches:
                 bar.set_description(f"eval {name}")
-                for b, start in enumerate(range(0, len(examples), batch_prompts)):
-                    todo = [i for i in range(start, min(start + batch_prompts, len(examples))) if (name, i) not in finished]
-                    lo, hi = len(todo) * rank // world, len(todo) * (rank + 1) // world  # this rank's slice
-                    if hi > lo:
-                        batch = _sample_batch(sampler, score, tokenizer, name, examples, todo[lo:hi], ks[name],
-                                              temps[name], _batch_seed(seed, name, b), settings, lo * ks[name])
-                        if out_dir is not None:
-                            report.append_records(os.path.join(out_dir, "samples.jsonl"), batch)
-                        records += batch
-                        bar.update(hi - lo)
+                batch = _sample_batch(sampler, score, tokenizer, name, benchmarks[name], mine, ks[name], temps[name],
+                                      _batch_seed(seed, name, b), settings, lo * ks[name])
+                if out_dir is not None:
+                    report.append_records(os.path.join(out_dir, "samples.jsonl"), batch)
+                records += batch
+                bar.update(len(mine))
     return records
 
 
